@@ -1,0 +1,29 @@
+"""Every structured log event the keeper emits, by its stable name.
+
+Operators alert on these names, so they never change without a note in the README. Paired outcomes
+follow httpcore's ``.started``/``.complete``/``.failed`` idea: ``session.connecting`` ends in
+``session.ready`` or ``session.lost``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+KEEPER_STARTED: Final = "keeper.started"
+KEEPER_STOPPING: Final = "keeper.stopping"
+KEEPER_STOPPED: Final = "keeper.stopped"
+KEEPER_CRASHED: Final = "keeper.crashed"
+
+SESSION_CONNECTING: Final = "session.connecting"
+SESSION_AUTHENTICATING: Final = "session.authenticating"
+SESSION_ENABLING_COD: Final = "session.enabling_cod"
+SESSION_READY: Final = "session.ready"
+SESSION_LOST: Final = "session.lost"
+SESSION_RETRY: Final = "session.retry"
+SESSION_STOPPING: Final = "session.stopping"
+SESSION_STOPPED: Final = "session.stopped"
+SESSION_TOKEN_REFRESHED: Final = "session.token_refreshed"
+SESSION_TEST_REQUEST_ANSWERED: Final = "session.test_request_answered"
+SESSION_UNEXPECTED_ERROR: Final = "session.unexpected_error"
+
+DEMO_FAULT: Final = "demo.fault"

@@ -1,0 +1,339 @@
+"""JSON-RPC 2.0 over one WebSocket: ids, requests in flight, timeouts, notifications.
+
+The transport knows no lifecycle: nothing here knows what COD, a heartbeat or a session is. It
+matches answers to requests by id (several may be in flight, answered in any order), bounds every
+wait, hands notifications to the caller, and remembers when the last frame arrived so that a silent
+link can be noticed (``silence_watchdog``).
+
+This is the one module that catches trio-websocket's and the OS's exceptions: each leaves as a
+``SessionLost`` whose ``reason`` slug names the cause, with the original as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import ssl
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from functools import cache
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    wrap_client_stream,
+)
+
+from .errors import RpcError, SessionLost, leaves
+
+CLOSE_TIMEOUT_S: Final = 1.0  # a polite close waits this long for the server's close frame
+NORMAL_CLOSURE: Final = 1000  # RFC 6455 close code
+
+OnNotification = Callable[[str, Any], None]
+Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+
+@cache
+def _default_ssl_context() -> ssl.SSLContext:
+    """One verifying context for every connection: building one costs milliseconds and memory."""
+    return ssl.create_default_context()
+
+
+class _Pending:
+    """A request waiting for its answer."""
+
+    __slots__ = ("answered", "message")
+
+    def __init__(self) -> None:
+        self.answered = trio.Event()
+        self.message: dict[str, Any] | None = None
+
+
+class RpcConnection:
+    """One JSON-RPC conversation over an open WebSocket.
+
+    Create it with ``open_rpc_connection``, which owns the background reader and closes the link.
+
+    Attributes:
+        request_timeout: the default bound, in seconds, on any single request.
+        last_inbound: ``trio.current_time()`` when the last frame of any kind arrived.
+    """
+
+    def __init__(
+        self,
+        ws: WebSocketConnection,
+        stream: Stream,
+        *,
+        on_notification: OnNotification,
+        request_timeout: float,
+    ) -> None:
+        self._ws = ws
+        self._stream = stream
+        self._on_notification = on_notification
+        self.request_timeout = request_timeout
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self.last_inbound = trio.current_time()
+        self._watchdog: trio.CancelScope | None = None
+        self._watchdog_limit = 0.0
+        self._closing = False  # we started the end of this link: a close is expected, not a loss
+        self._closed = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"<RpcConnection in_flight={len(self._pending)} closed={self._closed.is_set()}>"
+
+    async def call(
+        self, method: str, params: Mapping[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        """Send one request and return its ``result``.
+
+        Raises:
+            RpcError: Deribit answered with an error object.
+            SessionLost: no answer within ``timeout`` (default ``request_timeout``), the link
+                closed, or the answer was malformed. On cancellation the request is forgotten and
+                a late answer is ignored.
+        """
+        limit = self.request_timeout if timeout is None else timeout
+        request_id = next(self._ids)
+        pending = self._pending[request_id] = _Pending()
+        try:
+            with trio.move_on_after(limit) as scope:
+                await self._send({"jsonrpc": "2.0", "id": request_id, "method": method,
+                                  "params": dict(params or {})})  # fmt: skip
+                await pending.answered.wait()
+        finally:
+            del self._pending[request_id]
+        if scope.cancelled_caught:
+            raise SessionLost("request_timeout", f"{method} unanswered after {limit:g}s")
+        assert pending.message is not None
+        return _result_of(method, pending.message)
+
+    async def call_expecting_close(
+        self, method: str, params: Mapping[str, Any] | None = None, *, timeout: float
+    ) -> bool:
+        """Send a request that the server answers by closing the link (``private/logout``).
+
+        Returns whether the server closed the link within ``timeout`` seconds.
+        """
+        self._closing = True
+        try:
+            await self._send({"jsonrpc": "2.0", "id": next(self._ids), "method": method,
+                              "params": dict(params or {})})  # fmt: skip
+        except SessionLost:
+            return True  # already closed
+        with trio.move_on_after(timeout):
+            await self._closed.wait()
+        return self._closed.is_set()
+
+    @contextmanager
+    def silence_watchdog(self, limit: float) -> Iterator[trio.CancelScope]:
+        """A cancel scope that fires once no frame has arrived for ``limit`` seconds.
+
+        Every inbound frame moves its deadline forward (trio applies a changed deadline at once),
+        so waking costs nothing while frames flow and nothing is polled. Check
+        ``scope.cancelled_caught`` afterwards to tell silence from a normal exit.
+        """
+        scope = trio.CancelScope(deadline=self.last_inbound + limit)
+        self._watchdog, self._watchdog_limit = scope, limit
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._watchdog = None
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        try:
+            await self._ws.send_message(json.dumps(message, separators=(",", ":")))
+        except ConnectionClosed as exc:
+            raise _closed(exc) from exc
+
+    async def _read_frames(self) -> None:
+        """Read frames until the link ends; raise ``SessionLost`` unless we ended it."""
+        try:
+            while True:
+                self._dispatch(await self._ws.get_message())
+        except ConnectionClosed as exc:
+            self._closed.set()
+            if not self._closing:
+                raise _closed(exc) from exc
+
+    def _dispatch(self, frame: str | bytes) -> None:
+        """Route one frame: an answer to its request, a notification to the caller."""
+        now = self.last_inbound = trio.current_time()
+        if self._watchdog is not None:
+            self._watchdog.deadline = now + self._watchdog_limit
+        try:
+            message = json.loads(frame)
+        except ValueError:
+            # The frame may hold a token: say how long it was, never what it said.
+            raise SessionLost("malformed_frame", f"{len(frame)}-byte frame is not JSON") from None
+        if not isinstance(message, dict):
+            raise SessionLost("malformed_frame", f"frame is a JSON {type(message).__name__}")
+        request_id = message.get("id")
+        if request_id is not None:
+            self._answer(request_id, message)
+        elif isinstance(method := message.get("method"), str):
+            self._on_notification(method, message.get("params"))
+        elif "error" in message:
+            code, text = _error_fields(message["error"])
+            raise SessionLost(
+                "request_rejected", f"Deribit could not read a request: {code} {text}"
+            )
+        else:
+            raise SessionLost("malformed_frame", "neither an answer nor a notification")
+
+    def _answer(self, request_id: object, message: dict[str, Any]) -> None:
+        # An id we did not send, or one whose request timed out already, is ignored.
+        if type(request_id) is not int:
+            return
+        pending = self._pending.get(request_id)
+        if pending is not None and pending.message is None:
+            pending.message = message
+            pending.answered.set()
+
+    async def _shut_down(self, *, graceful: bool) -> None:
+        """End the link: politely (close frame, bounded wait) or at once, without a handshake."""
+        self._closing = True
+        try:
+            if graceful:
+                with trio.move_on_after(CLOSE_TIMEOUT_S):
+                    await self._ws.aclose(NORMAL_CLOSURE)
+        finally:
+            await trio.aclose_forcefully(self._stream)
+
+
+def _result_of(method: str, message: dict[str, Any]) -> Any:
+    if "error" in message:
+        code, text = _error_fields(message["error"])
+        if code is None:
+            raise SessionLost("malformed_frame", f"answer to {method} has a malformed error")
+        raise RpcError(method, code, text)
+    if "result" not in message:
+        raise SessionLost("malformed_frame", f"answer to {method} has neither result nor error")
+    return message["result"]
+
+
+def _error_fields(error: object) -> tuple[int | None, str]:
+    if not isinstance(error, dict) or type(error.get("code")) is not int:
+        return None, ""
+    message = error.get("message")
+    return error["code"], message if isinstance(message, str) else ""
+
+
+def _closed(exc: ConnectionClosed) -> SessionLost:
+    code = exc.reason.code
+    if code == NORMAL_CLOSURE:
+        return SessionLost(
+            "closed_by_server", f"close code {code} {exc.reason.reason or ''}".strip()
+        )
+    return SessionLost("connection_dropped", f"close code {code} {exc.reason.name}")
+
+
+def _translate(error: BaseException) -> BaseException:
+    """Say what a transport exception means for the session; leave anything else alone."""
+    if isinstance(error, SessionLost):
+        return error
+    lost: SessionLost
+    if isinstance(error, ConnectionRejected):
+        lost = SessionLost("handshake_rejected", f"HTTP {error.status_code}")
+    elif isinstance(error, HandshakeError):
+        lost = SessionLost("handshake_failed", type(error).__name__)
+    elif isinstance(error, ConnectionClosed):
+        lost = _closed(error)
+    elif isinstance(error, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
+        lost = SessionLost("connection_dropped", f"{type(error).__name__}: {error}")
+    else:
+        return error
+    lost.__cause__ = error
+    return lost
+
+
+def _explain(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """Reduce the connection's nursery group to the one exception that says why it ended.
+
+    Cancellations that merely followed the failure are dropped. Several losses at once (the
+    reader and a request both noticed the close) are the same event: the first one speaks for all.
+    A bug next to them keeps the whole group, so nothing unexpected is hidden.
+    """
+    every = leaves(group)
+    meaningful = [_translate(e) for e in every if not isinstance(e, trio.Cancelled)]
+    if not meaningful:
+        return every[0] if len(every) == 1 else group
+    if len(meaningful) == 1 or all(isinstance(e, SessionLost) for e in meaningful):
+        return meaningful[0]
+    return group
+
+
+async def _connect(
+    nursery: trio.Nursery, url: str, ssl_context: ssl.SSLContext | None
+) -> tuple[WebSocketConnection, Stream]:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        stream: Stream = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise SessionLost("connect_failed", f"{host}:{port}: {exc}") from exc
+    try:
+        if secure:
+            stream = trio.SSLStream(
+                stream, ssl_context or _default_ssl_context(), server_hostname=host,
+                https_compatible=True,
+            )  # fmt: skip
+            # Handshake now, so that a certificate problem is reported as such, not as a timeout.
+            await stream.do_handshake()
+        host_header = host if parts.port is None else f"{host}:{port}"
+        return await wrap_client_stream(nursery, stream, host_header, resource), stream
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(stream)
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        raise SessionLost("connect_failed", f"{host}:{port}: TLS: {cause}") from exc
+    except BaseException:
+        # Cancelled (the connect timeout) or anything else: never leak the socket.
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+@asynccontextmanager
+async def open_rpc_connection(
+    url: str,
+    *,
+    request_timeout: float,
+    on_notification: OnNotification,
+    ssl_context: ssl.SSLContext | None = None,
+) -> AsyncIterator[RpcConnection]:
+    """Connect to ``url`` and yield an ``RpcConnection``; end the link on the way out.
+
+    Connecting (TCP, TLS, WebSocket handshake) is bounded by ``request_timeout``. A normal exit
+    closes politely; an exception or cancellation aborts the link at once, without waiting for a
+    close handshake, which is what a dead link calls for.
+
+    Raises:
+        SessionLost: the link could not be opened or ended on its own; ``reason`` says why.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_after(request_timeout) as connecting:
+                ws, stream = await _connect(nursery, url, ssl_context)
+            if connecting.cancelled_caught:
+                raise SessionLost("connect_timeout", f"no WebSocket after {request_timeout:g}s")
+            conn = RpcConnection(
+                ws, stream, on_notification=on_notification, request_timeout=request_timeout
+            )
+            nursery.start_soon(conn._read_frames)
+            graceful = False
+            try:
+                yield conn
+                graceful = True
+            finally:
+                await conn._shut_down(graceful=graceful)
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _explain(group)  # noqa: B904 (the group is its context; each leaf keeps its cause)

@@ -1,0 +1,271 @@
+"""One account's link to Deribit: the only place where its state changes.
+
+    connect -> hello -> auth -> COD enable -> COD confirm -> set_heartbeat -> READY
+    -> (answer test_requests, refresh the token, watch for silence) -> lost -> backoff -> again
+
+The promise the keeper makes is about READY: a session enters it only after Deribit has confirmed
+Cancel-On-Disconnect for this very connection, and leaves it the moment anything is wrong with the
+link. A lost link is never repaired in place: the connection is dropped (Deribit then cancels the
+orders COD protects) and a fresh one is built from the start, after a jittered backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable
+from enum import Enum
+from typing import Any, Final
+
+import trio
+
+from . import __version__, auth, events
+from .backoff import STABLE_AFTER_S, Backoff, Severity, classify
+from .config import AccountConfig
+from .errors import CodNotConfirmed, DeadLink, SessionLost
+from .logs import get_logger
+from .rpc import RpcConnection, open_rpc_connection
+
+CLIENT_NAME: Final = "deribit-keeper"
+LOGOUT_TIMEOUT_S: Final = 3.0  # private/logout has no answer; wait this long for Deribit's close
+
+
+def silence_limit(heartbeat_interval: float) -> float:
+    """How long a READY link may stay silent before it counts as dead.
+
+    Deribit sends a test_request every heartbeat interval, so a healthy link is never silent for
+    longer than that. Half an interval more (at least 5 s, as the interval is at least 10 s)
+    absorbs network jitter and a busy exchange; anything longer is a dead link.
+    """
+    return heartbeat_interval * 1.5
+
+
+class SessionState(Enum):
+    """Where one account's link stands. Only READY means COD is confirmed on a live link."""
+
+    STOPPED = "stopped"
+    CONNECTING = "connecting"
+    AUTHENTICATING = "authenticating"
+    ENABLING_COD = "enabling_cod"
+    READY = "ready"
+    BACKOFF = "backoff"
+
+
+_EVENT_OF: Final = {
+    SessionState.STOPPED: events.SESSION_STOPPED,
+    SessionState.CONNECTING: events.SESSION_CONNECTING,
+    SessionState.AUTHENTICATING: events.SESSION_AUTHENTICATING,
+    SessionState.ENABLING_COD: events.SESSION_ENABLING_COD,
+    SessionState.READY: events.SESSION_READY,
+    SessionState.BACKOFF: events.SESSION_RETRY,
+}
+_QUIET_STATES: Final = frozenset({SessionState.AUTHENTICATING, SessionState.ENABLING_COD})
+
+
+async def enable_cod(rpc: RpcConnection, scope: str) -> None:
+    """Turn COD on and make Deribit confirm it, for the connection this session stands on.
+
+    With scope ``account`` the account setting protects connections opened *later*; the one we
+    are on began with the old setting, so it is enabled and confirmed with scope ``connection`` too.
+
+    Raises:
+        CodNotConfirmed: Deribit did not report ``enabled: true`` for a scope.
+    """
+    for each in ("account", "connection") if scope == "account" else ("connection",):
+        await rpc.call("private/enable_cancel_on_disconnect", {"scope": each})
+        answer = await rpc.call("private/get_cancel_on_disconnect", {"scope": each})
+        if not isinstance(answer, dict) or answer.get("enabled") is not True:
+            raise CodNotConfirmed(each, answer)
+
+
+async def confirm_cod(rpc: RpcConnection) -> None:
+    """Ask Deribit again whether COD is on for this connection (after a token refresh)."""
+    answer = await rpc.call("private/get_cancel_on_disconnect", {"scope": "connection"})
+    if not isinstance(answer, dict) or answer.get("enabled") is not True:
+        raise CodNotConfirmed("connection", answer)
+
+
+class Session:
+    """Keeps one account connected, authenticated and COD-protected until ``stop()``.
+
+    Read-only attributes (for status endpoints; reading them never touches the network):
+        state, connected_since, cod_confirmed_at, reconnects, last_error, test_requests_answered.
+    """
+
+    def __init__(
+        self,
+        account: AccountConfig,
+        *,
+        rng: random.Random | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.account = account
+        self.state = SessionState.STOPPED
+        self.connected_since: float | None = None  # wall clock, while a link is open
+        self.cod_confirmed_at: float | None = None  # wall clock, while READY
+        self.ready_since: float | None = None  # Trio time, while READY
+        self.reconnects = 0
+        self.last_error: tuple[str, float] | None = None  # (reason, wall clock)
+        self.test_requests_answered = 0
+        self.rpc: RpcConnection | None = None
+        self._log = get_logger(account=account.name)
+        self._rng = rng if rng is not None else random.Random()
+        self._wall_clock = wall_clock
+        self._ssl_context = ssl_context
+        self._backoff = Backoff(account.backoff.initial, account.backoff.max)
+        self._observers: list[Callable[[Session], None]] = []
+        self._stop_requested = trio.Event()
+        self._scope = trio.CancelScope()
+        self._tasks: trio.Nursery | None = None
+
+    def __repr__(self) -> str:
+        return f"<Session {self.account.name} {self.state.value}>"
+
+    def watch(self, observer: Callable[[Session], None]) -> None:
+        """Call ``observer(session)`` after every state change (metrics, status, sd_notify)."""
+        self._observers.append(observer)
+
+    def stop(self) -> None:
+        """Ask the session to end per ``on_shutdown``; ``run()`` returns once it has.
+
+        A READY link ends politely (logout first if configured). Anything else has no link worth
+        keeping, so it is cancelled at once.
+        """
+        self._stop_requested.set()
+        if self.state is not SessionState.READY:
+            self._scope.cancel()
+
+    async def run(self) -> None:
+        """Connect, stay ready, and reconnect after every loss, until ``stop()`` or cancellation."""
+        try:
+            with self._scope:
+                while not self._stop_requested.is_set():
+                    try:
+                        await self._connect_and_serve()
+                    except SessionLost as lost:
+                        await self._back_off(lost)
+                    except Exception as bug:  # noqa: BLE001 (an account must not take the others down)
+                        self._log.exception(events.SESSION_UNEXPECTED_ERROR)
+                        await self._back_off(SessionLost("internal_error", type(bug).__name__))
+        finally:
+            self._enter(SessionState.STOPPED)
+
+    def _enter(self, state: SessionState, level: int = logging.INFO, **fields: Any) -> None:
+        """The one place where the state changes: set it, log its event, tell the observers."""
+        self.state = state
+        if state in _QUIET_STATES:
+            level = logging.DEBUG
+        self._log.log(level, _EVENT_OF[state], **fields)
+        for observer in self._observers:
+            observer(self)
+
+    async def _connect_and_serve(self) -> None:
+        self._enter(SessionState.CONNECTING, url=self.account.url)
+        started = trio.current_time()
+        async with (
+            open_rpc_connection(
+                self.account.url,
+                request_timeout=self.account.request_timeout,
+                on_notification=self._on_notification,
+                ssl_context=self._ssl_context,
+            ) as rpc,
+            trio.open_nursery() as tasks,
+        ):
+            self.rpc, self._tasks = rpc, tasks
+            self.connected_since = self._wall_clock()
+            try:
+                token = await self._set_up(rpc, started)
+                await self._serve(rpc, token)
+            finally:
+                self.rpc = self._tasks = None
+                self.connected_since = self.cod_confirmed_at = None
+            tasks.cancel_scope.cancel()
+
+    async def _set_up(self, rpc: RpcConnection, started: float) -> auth.Token:
+        account = self.account
+        self._enter(SessionState.AUTHENTICATING)
+        await rpc.call("public/hello", {"client_name": CLIENT_NAME, "client_version": __version__})
+        token = await auth.authenticate(rpc, account, wall_clock=self._wall_clock)
+        self._enter(SessionState.ENABLING_COD, scope=account.cancel_on_disconnect)
+        await enable_cod(rpc, account.cancel_on_disconnect)
+        self.cod_confirmed_at = self._wall_clock()
+        await rpc.call("public/set_heartbeat", {"interval": account.heartbeat_interval})
+        self.ready_since = trio.current_time()
+        self._enter(
+            SessionState.READY,
+            cod_scope=account.cancel_on_disconnect,
+            heartbeat_interval=account.heartbeat_interval,
+            setup_ms=round((self.ready_since - started) * 1000, 1),
+        )
+        return token
+
+    async def _serve(self, rpc: RpcConnection, token: auth.Token) -> None:
+        """Stay READY until ``stop()``; raise ``DeadLink`` if Deribit falls silent."""
+        assert self._tasks is not None
+        self._tasks.start_soon(self._keep_token_fresh, rpc, token)
+        with rpc.silence_watchdog(silence_limit(self.account.heartbeat_interval)) as watchdog:
+            await self._stop_requested.wait()
+        if watchdog.cancelled_caught:
+            raise DeadLink(trio.current_time() - rpc.last_inbound)
+        self._log.info(events.SESSION_STOPPING, on_shutdown=self.account.on_shutdown)
+        if self.account.on_shutdown == "logout":
+            # Deribit answers a logout by closing the link, and COD does not fire for it.
+            await rpc.call_expecting_close(
+                "private/logout", {"invalidate_token": True}, timeout=LOGOUT_TIMEOUT_S
+            )
+
+    def _on_notification(self, method: str, params: Any) -> None:
+        """Answer a test_request at once; every other notification only proves the link alive."""
+        if method != "heartbeat" or not isinstance(params, dict):
+            return
+        if params.get("type") == "test_request" and self._tasks is not None and self.rpc:
+            self._tasks.start_soon(self._answer_test_request, self.rpc)
+
+    async def _answer_test_request(self, rpc: RpcConnection) -> None:
+        asked = trio.current_time()
+        await rpc.call("public/test")
+        self.test_requests_answered += 1
+        self._log.debug(
+            events.SESSION_TEST_REQUEST_ANSWERED,
+            latency_ms=round((trio.current_time() - asked) * 1000, 3),
+        )
+
+    async def _keep_token_fresh(self, rpc: RpcConnection, token: auth.Token) -> None:
+        """Refresh the connection's auth before the token runs out, then re-confirm COD."""
+        while True:
+            await trio.sleep_until(token.refresh_at)
+            token = await auth.refresh(rpc, token)
+            await confirm_cod(rpc)
+            self.cod_confirmed_at = self._wall_clock()
+            self._log.info(events.SESSION_TOKEN_REFRESHED, expires_in=token.expires_in)
+
+    async def _back_off(self, lost: SessionLost) -> None:
+        """Log the loss, wait a jittered delay, and let ``run()`` try again."""
+        now = trio.current_time()
+        uptime = 0.0 if self.ready_since is None else now - self.ready_since
+        self.ready_since = None
+        if uptime >= STABLE_AFTER_S:
+            self._backoff = self._backoff.reset()
+        severity = classify(lost)
+        level = logging.ERROR if severity is Severity.PERSISTENT else logging.WARNING
+        self.last_error = (lost.reason, self._wall_clock())
+        self._log.log(
+            level,
+            events.SESSION_LOST,
+            reason=lost.reason,
+            detail=lost.detail,
+            state=self.state.value,
+            uptime_s=round(uptime, 3),
+            severity=severity.value,
+            **({"code": lost.code} if hasattr(lost, "code") else {}),
+        )
+        delay = self._backoff.delay(self._rng, severity)
+        self._backoff = self._backoff.next()
+        self.reconnects += 1
+        self._enter(
+            SessionState.BACKOFF, level, delay_s=round(delay, 3), attempt=self._backoff.attempt
+        )
+        await trio.sleep(delay)
