@@ -223,7 +223,11 @@ async def test_a_server_that_never_completes_the_handshake_times_out(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
     """TCP accepted but no WebSocket upgrade: connect_timeout after request_timeout."""
-    listeners = await nursery.start(trio.serve_tcp, lambda stream: trio.sleep_forever(), 0)
+
+    async def never_upgrade(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(trio.serve_tcp, never_upgrade, 0)
     port = listeners[0].socket.getsockname()[1]
     start = trio.current_time()
     with pytest.raises(SessionLost) as caught:

@@ -83,9 +83,9 @@ def _config_path(given: Path | None) -> Path:
 
 def _check(path: Path | None) -> int:
     config = load_config(_config_path(path))
-    print(f"{config.source}: ok")
     for line in describe(config):
-        print(f"  {line}")
+        print(line)
+    print("config ok")
     return EX_OK
 
 

@@ -87,6 +87,10 @@ def configure(log: LogConfig, stream: TextIO | None = None) -> None:
 
 
 def get_logger(**bound: Any) -> structlog.typing.FilteringBoundLogger:
-    """A logger with ``bound`` fields on every line (``account=...`` for a session)."""
-    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger().bind(**bound)
+    """A logger with ``bound`` fields on every line (``account=...`` for a session).
+
+    It stays a lazy proxy that reads the configuration at each call, so a reload's new level and
+    format reach loggers made before it (``.bind()`` would freeze the configuration of the day).
+    """
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(**bound)
     return logger

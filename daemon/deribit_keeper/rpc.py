@@ -226,12 +226,12 @@ def _error_fields(error: object) -> tuple[int | None, str]:
 
 
 def _closed(exc: ConnectionClosed) -> SessionLost:
-    code = exc.reason.code
-    if code == NORMAL_CLOSURE:
-        return SessionLost(
-            "closed_by_server", f"close code {code} {exc.reason.reason or ''}".strip()
-        )
-    return SessionLost("connection_dropped", f"close code {code} {exc.reason.name}")
+    reason = exc.reason
+    if reason is None:
+        return SessionLost("connection_dropped", "closed without a close reason")
+    if reason.code == NORMAL_CLOSURE:
+        return SessionLost("closed_by_server", f"close code {reason.code} {reason.reason or ''}")
+    return SessionLost("connection_dropped", f"close code {reason.code} {reason.name}")
 
 
 def _translate(error: BaseException) -> BaseException:
@@ -278,13 +278,14 @@ async def _connect(
     port = parts.port or (443 if secure else 80)
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
-        stream: Stream = await trio.open_tcp_stream(host, port)
+        tcp = await trio.open_tcp_stream(host, port)
     except OSError as exc:
         raise SessionLost("connect_failed", f"{host}:{port}: {exc}") from exc
+    stream: Stream = tcp
     try:
         if secure:
             stream = trio.SSLStream(
-                stream, ssl_context or _default_ssl_context(), server_hostname=host,
+                tcp, ssl_context or _default_ssl_context(), server_hostname=host,
                 https_compatible=True,
             )  # fmt: skip
             # Handshake now, so that a certificate problem is reported as such, not as a timeout.

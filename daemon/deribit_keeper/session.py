@@ -42,6 +42,11 @@ def silence_limit(heartbeat_interval: float) -> float:
     return heartbeat_interval * 1.5
 
 
+def _number(seconds: float) -> int | float:
+    """A whole number of seconds as an int: ``10``, as Deribit's own examples send it."""
+    return int(seconds) if seconds.is_integer() else seconds
+
+
 class SessionState(Enum):
     """Where one account's link stands. Only READY means COD is confirmed on a live link."""
 
@@ -192,7 +197,7 @@ class Session:
         self._enter(SessionState.ENABLING_COD, scope=account.cancel_on_disconnect)
         await enable_cod(rpc, account.cancel_on_disconnect)
         self.cod_confirmed_at = self._wall_clock()
-        await rpc.call("public/set_heartbeat", {"interval": account.heartbeat_interval})
+        await rpc.call("public/set_heartbeat", {"interval": _number(account.heartbeat_interval)})
         self.ready_since = trio.current_time()
         self._enter(
             SessionState.READY,

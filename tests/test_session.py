@@ -1,0 +1,411 @@
+"""One account's lifecycle against the simulator: setup order, heartbeats, tokens, every fault.
+
+Every test runs on the autojump clock; what is asserted is what Deribit (the simulator) saw.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from deribit_keeper.config import BackoffConfig, Secret
+from deribit_keeper.protocol import ErrorCode
+from deribit_keeper.session import Session, SessionState, silence_limit
+from deribit_keeper.simulator import SimConnection, Simulator
+
+from .conftest import LogLines, account_config
+
+SETUP = [
+    "public/hello",
+    "public/auth",
+    "private/enable_cancel_on_disconnect",
+    "private/get_cancel_on_disconnect",
+    "public/set_heartbeat",
+]
+
+
+def start(nursery: trio.Nursery, sim: Simulator, **overrides: Any) -> Session:
+    session = Session(account_config(sim, **overrides), rng=random.Random(3))
+    nursery.start_soon(session.run)
+    return session
+
+
+async def until_state(session: Session, state: SessionState) -> None:
+    """Wait, without polling, until the session enters ``state``."""
+    if session.state is state:
+        return
+    entered = trio.Event()
+    session.watch(lambda s: entered.set() if s.state is state else None)
+    await entered.wait()
+
+
+async def next_ready(session: Session, sim: Simulator, after: int) -> SimConnection:
+    """Wait until the session is READY on a connection newer than connection number ``after``."""
+    await sim.wait_for(lambda: len(sim.connections) > after)
+    await until_state(session, SessionState.READY)
+    return sim.connections[-1]
+
+
+@pytest.fixture(autouse=True)
+def _virtual_time(autojump_clock: trio.testing.MockClock) -> None:
+    """Every test in this module runs on virtual time."""
+
+
+async def test_ready_only_after_cod_is_enabled_and_confirmed(
+    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines
+) -> None:
+    """The setup runs hello, auth, COD enable, COD confirm, heartbeat in order, then READY."""
+    session = start(nursery, sim)
+    with trio.fail_after(10):
+        await until_state(session, SessionState.READY)
+    conn = sim.connections[0]
+    assert conn.methods() == SETUP
+    assert conn.requests[2][1] == {"scope": "connection"}
+    assert conn.requests[3][1] == {"scope": "connection"}
+    assert conn.requests[4][1] == {"interval": 10}
+    assert conn.cod_enabled and conn.client_id == "main-id"
+    assert repr(session) == "<Session main ready>"
+    ready = log_lines.events("session.ready")
+    assert len(ready) == 1
+    assert ready[0]["account"] == "main"
+    assert ready[0]["cod_scope"] == "connection"
+    assert ready[0]["heartbeat_interval"] == 10.0
+    assert ready[0]["setup_ms"] >= 0
+    assert log_lines.names(account="main")[:4] == [
+        "session.connecting",
+        "session.authenticating",
+        "session.enabling_cod",
+        "session.ready",
+    ]
+
+
+async def test_hello_names_the_client(nursery: trio.Nursery, sim: Simulator) -> None:
+    """public/hello introduces the keeper by name and version."""
+    session = start(nursery, sim)
+    await until_state(session, SessionState.READY)
+    hello = sim.connections[0].requests[0][1]
+    assert hello["client_name"] == "deribit-keeper"
+    assert isinstance(hello["client_version"], str) and hello["client_version"]
+
+
+async def test_signature_auth_never_sends_the_secret(nursery: trio.Nursery, sim: Simulator) -> None:
+    """client_signature auth carries a signature, a timestamp and a nonce, not the secret."""
+    session = start(nursery, sim, auth="signature")
+    await until_state(session, SessionState.READY)
+    params = sim.connections[0].requests[1][1]
+    assert params["grant_type"] == "client_signature"
+    assert {"timestamp", "nonce", "signature", "client_id"} <= params.keys()
+    assert "client_secret" not in params
+
+
+async def test_credentials_auth_uses_client_credentials(
+    nursery: trio.Nursery, sim: Simulator
+) -> None:
+    """auth: credentials sends grant_type client_credentials and still reaches READY."""
+    session = start(nursery, sim, auth="credentials")
+    await until_state(session, SessionState.READY)
+    assert sim.connections[0].requests[1][1]["grant_type"] == "client_credentials"
+
+
+async def test_account_scope_sets_the_account_and_protects_this_connection_too(
+    nursery: trio.Nursery, sim: Simulator
+) -> None:
+    """Scope account enables and confirms the account setting and the current connection."""
+    session = start(nursery, sim, cancel_on_disconnect="account")
+    await until_state(session, SessionState.READY)
+    conn = sim.connections[0]
+    cod_calls = [(m, p) for m, p in conn.requests if "cancel_on_disconnect" in m]
+    assert cod_calls == [
+        ("private/enable_cancel_on_disconnect", {"scope": "account"}),
+        ("private/get_cancel_on_disconnect", {"scope": "account"}),
+        ("private/enable_cancel_on_disconnect", {"scope": "connection"}),
+        ("private/get_cancel_on_disconnect", {"scope": "connection"}),
+    ]
+    assert sim.account_cod("main-id") and conn.cod_enabled
+
+
+async def test_every_test_request_is_answered_for_an_hour(
+    nursery: trio.Nursery, sim: Simulator
+) -> None:
+    """An hour of 10 s heartbeats: every test_request answered, one connection throughout."""
+    session = start(nursery, sim)
+    await until_state(session, SessionState.READY)
+    await trio.sleep(3600)
+    conn = sim.connections[0]
+    assert len(sim.connections) == 1 and conn.open
+    assert conn.test_requests_sent >= 359
+    assert conn.test_requests_answered == conn.test_requests_sent
+    assert session.test_requests_answered == conn.test_requests_answered
+
+
+async def test_token_is_refreshed_before_it_expires_on_the_same_connection(
+    nursery: trio.Nursery, log_lines: LogLines
+) -> None:
+    """With 100 s tokens, refreshes keep one connection authenticated and COD re-confirmed."""
+    from .conftest import SIM_ACCOUNTS
+
+    sim = Simulator(list(SIM_ACCOUNTS), token_ttl_s=100)
+    await nursery.start(sim.serve, 0)
+    session = start(nursery, sim)
+    await until_state(session, SessionState.READY)
+    await trio.sleep(1000)
+    conn = sim.connections[0]
+    assert len(sim.connections) == 1 and conn.open
+    grants = [p["grant_type"] for m, p in conn.requests if m == "public/auth"]
+    assert grants[0] == "client_signature"
+    assert grants.count("refresh_token") >= 10
+    refreshed = log_lines.events("session.token_refreshed")
+    assert len(refreshed) == grants.count("refresh_token")
+    # After every refresh COD was asked about again.
+    assert conn.methods().count("private/get_cancel_on_disconnect") == 1 + len(refreshed)
+    assert session.state is SessionState.READY
+
+
+async def _drop_clean(sim: Simulator, conn: SimConnection) -> None:
+    await sim.drop(conn)
+
+
+async def _drop_abrupt(sim: Simulator, conn: SimConnection) -> None:
+    await sim.drop(conn, abrupt=True)
+
+
+async def _silence(sim: Simulator, conn: SimConnection) -> None:
+    sim.go_silent(conn)
+
+
+async def _garbage(sim: Simulator, conn: SimConnection) -> None:
+    await sim.send_raw(conn, "this is not json")
+
+
+async def _error_without_id(sim: Simulator, conn: SimConnection) -> None:
+    await sim.send_raw(
+        conn, '{"jsonrpc": "2.0", "error": {"code": -32700, "message": "Parse error"}}'
+    )
+
+
+async def _heartbeats_stop(sim: Simulator, conn: SimConnection) -> None:
+    sim.suppress_test_requests(conn)
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        (_drop_clean, "closed_by_server"),
+        (_drop_abrupt, "connection_dropped"),
+        (_silence, "heartbeat_silence"),
+        (_heartbeats_stop, "heartbeat_silence"),
+        (_garbage, "malformed_frame"),
+        (_error_without_id, "request_rejected"),
+    ],
+)
+async def test_a_broken_ready_link_is_noticed_and_rebuilt(
+    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines, fault: Any, reason: str
+) -> None:
+    """Each way a live link breaks ends it with a reason, then a fresh COD-confirmed one."""
+    session = start(nursery, sim)
+    await until_state(session, SessionState.READY)
+    with trio.fail_after(60):
+        await fault(sim, sim.connections[0])
+        await sim.wait_for(lambda: len(sim.connections) == 2)
+        second = await next_ready(session, sim, 1)
+    assert not sim.connections[0].open
+    assert second.methods() == SETUP and second.cod_enabled
+    lost = log_lines.events("session.lost")
+    assert [e["reason"] for e in lost] == [reason]
+    assert lost[0]["state"] == "ready"
+    retry = log_lines.events("session.retry")
+    assert len(retry) == 1 and retry[0]["attempt"] == 1 and retry[0]["delay_s"] <= 0.5
+
+
+async def test_a_silent_link_is_declared_dead_after_interval_plus_grace(
+    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines
+) -> None:
+    """Silence is noticed 1.5 heartbeat intervals after the last frame and the TCP is aborted."""
+    session = start(nursery, sim, heartbeat_interval=20)
+    await until_state(session, SessionState.READY)
+    await trio.sleep(35)  # a few heartbeats in
+    conn = sim.connections[0]
+    assert session.rpc is not None
+    last_frame = session.rpc.last_inbound
+    sim.go_silent(conn)
+    await sim.wait_for(lambda: not conn.open)
+    noticed = trio.current_time()
+    assert noticed - last_frame == pytest.approx(silence_limit(20), abs=0.05)
+    assert conn.abrupt and conn.closed_by == "client" and conn.cod_fired
+
+
+@pytest.mark.parametrize("method", SETUP)
+async def test_an_error_at_any_setup_step_means_no_ready_and_a_retry(
+    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines, method: str
+) -> None:
+    """A Deribit error during setup: no session.ready on that link, it is dropped, retried."""
+    sim.fail_next(method, ErrorCode.TEMPORARILY_UNAVAILABLE)
+    session = start(nursery, sim)
+    with trio.fail_after(30):
+        second = await next_ready(session, sim, 1)
+    first = sim.connections[0]
+    assert first.methods() == SETUP[: SETUP.index(method) + 1]
+    assert not first.open and first.closed_by == "client"
+    assert second.methods() == SETUP
+    lost = log_lines.events("session.lost")
+    assert [(e["reason"], e["code"]) for e in lost] == [("rpc_error", 13028)]
+    assert len(log_lines.events("session.ready")) == 1
+
+
+async def test_cod_that_is_not_confirmed_is_never_reported_ready(
+    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines
+) -> None:
+    """get_cancel_on_disconnect saying enabled: false drops the link before READY."""
+    sim.misreport_cod()
+    session = start(nursery, sim)
+    with trio.fail_after(30):
+        await next_ready(session, sim, 1)
+    assert [e["reason"] for e in log_lines.events("session.lost")] == ["cod_not_confirmed"]
+    first_ready_at = log_lines.names().index("session.ready")
+    assert log_lines.names().index("session.lost") < first_ready_at
+    assert "public/set_heartbeat" not in sim.connections[0].methods()
+
+
+async def test_a_slow_answer_times_out_and_the_link_is_rebuilt(
+    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines
+) -> None:
+    """An answer slower than request_timeout ends that attempt with request_timeout."""
+    sim.delay_next("private/enable_cancel_on_disconnect", 60)
+    session = start(nursery, sim, request_timeout=5)
+    with trio.fail_after(30):
+        await next_ready(session, sim, 1)
+    assert [e["reason"] for e in log_lines.events("session.lost")] == ["request_timeout"]
+
+
+async def test_refused_handshakes_back_off_with_growing_jittered_capped_delays(
+    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines
+) -> None:
+    """Ten refused handshakes: each delay within its doubling ceiling, capped, jittered."""
+    sim.refuse_handshakes(10, status=429)
+    session = start(nursery, sim, backoff=BackoffConfig(0.5, 8.0))
+    with trio.fail_after(300):
+        await until_state(session, SessionState.READY)
+    retries = log_lines.events("session.retry")
+    assert [e["attempt"] for e in retries] == list(range(1, 11))
+    ceilings = [min(8.0, 0.5 * 2**i) for i in range(10)]
+    assert all(0 <= e["delay_s"] <= c for e, c in zip(retries, ceilings, strict=True))
+    assert len({e["delay_s"] for e in retries}) == 10  # jittered, not a fixed ladder
+    assert max(e["delay_s"] for e in retries[5:]) > 4.0  # and it did grow
+    assert {e["reason"] for e in log_lines.events("session.lost")} == {"handshake_rejected"}
+
+
+async def test_invalid_credentials_retry_slowly_and_log_errors(
+    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines
+) -> None:
+    """A wrong secret is an operator problem: error-level logs, delays near the cap, no READY."""
+    session = start(nursery, sim, client_secret=Secret("nope"))
+    await trio.sleep(200)
+    assert session.state is not SessionState.READY
+    lost = log_lines.events("session.lost")
+    assert len(lost) >= 5
+    assert {(e["level"], e["code"], e["severity"]) for e in lost} == {
+        ("error", 13004, "persistent")
+    }
+    assert all(15.0 <= e["delay_s"] <= 30.0 for e in log_lines.events("session.retry"))
+
+
+async def test_rate_limit_waits_near_the_cap(
+    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines
+) -> None:
+    """10028 (and the close that comes with it) backs off for at least half the cap."""
+    sim.fail_next("public/auth", ErrorCode.TOO_MANY_REQUESTS, close_after=True)
+    session = start(nursery, sim)
+    with trio.fail_after(60):
+        await next_ready(session, sim, 1)
+    (retry,) = log_lines.events("session.retry")
+    assert 15.0 <= retry["delay_s"] <= 30.0
+    assert log_lines.events("session.lost")[0]["severity"] == "rate_limited"
+
+
+async def test_backoff_resets_after_a_stable_connection(
+    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines
+) -> None:
+    """A link that stayed ready for minutes before dying retries from the initial delay."""
+    sim.refuse_handshakes(6)
+    session = start(nursery, sim)
+    with trio.fail_after(600):
+        await until_state(session, SessionState.READY)
+        await trio.sleep(120)
+        await sim.drop(sim.connections[-1], abrupt=True)
+        await sim.wait_for(lambda: len(log_lines.events("session.retry")) == 7)
+    assert log_lines.events("session.retry")[-1]["attempt"] == 1
+    assert log_lines.events("session.retry")[-1]["delay_s"] <= 0.5
+
+
+async def test_stop_while_ready_closes_without_logout_so_cod_fires(
+    nursery: trio.Nursery, sim: Simulator
+) -> None:
+    """on_shutdown close: a WebSocket close, no logout; Deribit applies COD."""
+    session = start(nursery, sim, on_shutdown="close")
+    await until_state(session, SessionState.READY)
+    session.stop()
+    await until_state(session, SessionState.STOPPED)
+    conn = sim.connections[0]
+    await sim.wait_for(lambda: not conn.open)
+    assert "private/logout" not in conn.methods()
+    assert conn.closed_by == "client" and conn.close_code == 1000 and not conn.abrupt
+    assert conn.cod_fired and not conn.logged_out
+
+
+async def test_stop_while_ready_logs_out_first_so_orders_stay(
+    nursery: trio.Nursery, sim: Simulator
+) -> None:
+    """on_shutdown logout: private/logout first; Deribit closes and COD does not fire."""
+    session = start(nursery, sim, on_shutdown="logout")
+    await until_state(session, SessionState.READY)
+    session.stop()
+    await until_state(session, SessionState.STOPPED)
+    conn = sim.connections[0]
+    await sim.wait_for(lambda: not conn.open)
+    assert conn.methods()[-1] == "private/logout"
+    assert conn.logged_out and not conn.cod_fired
+
+
+async def test_logout_against_a_silent_exchange_still_ends_in_time(
+    nursery: trio.Nursery, sim: Simulator
+) -> None:
+    """If Deribit never closes after logout, the session gives up waiting within seconds."""
+    session = start(nursery, sim, on_shutdown="logout")
+    await until_state(session, SessionState.READY)
+    sim.go_silent(sim.connections[0])
+    asked = trio.current_time()
+    session.stop()
+    await until_state(session, SessionState.STOPPED)
+    assert trio.current_time() - asked <= 4.5
+
+
+@pytest.mark.parametrize(
+    "stalled", ["public/hello", "public/auth", "private/enable_cancel_on_disconnect"]
+)
+async def test_stop_in_the_middle_of_setup_ends_at_once(
+    nursery: trio.Nursery, sim: Simulator, stalled: str
+) -> None:
+    """A stop while a setup answer is pending does not wait for it."""
+    sim.delay_next(stalled, 3)
+    session = start(nursery, sim)
+    await sim.wait_for(lambda: bool(sim.connections) and stalled in sim.connections[0].methods())
+    asked = trio.current_time()
+    session.stop()
+    await until_state(session, SessionState.STOPPED)
+    assert trio.current_time() - asked < 0.1
+    await sim.wait_for(lambda: not sim.connections[0].open)
+
+
+async def test_stop_during_backoff_ends_at_once(nursery: trio.Nursery, sim: Simulator) -> None:
+    """A stop while waiting to retry does not wait for the delay."""
+    sim.fail_next("public/auth", ErrorCode.INVALID_CREDENTIALS)
+    session = start(nursery, sim)
+    await until_state(session, SessionState.BACKOFF)
+    asked = trio.current_time()
+    session.stop()
+    await until_state(session, SessionState.STOPPED)
+    assert trio.current_time() - asked < 0.1
