@@ -8,16 +8,17 @@ import re
 
 import pytest
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from deribit_keeper import logs
-from deribit_keeper.config import LogConfig, Secret
+from deribit_keeper.config import LogConfig, LogFormat, LogLevel, Secret
 
 TOKEN = "1582628593469.1MbQ-J_4.CBP-aB3dEf"
 
 
 def render(
-    level: str = "debug", fmt: str = "json"
-) -> tuple[io.StringIO, logs.structlog.typing.FilteringBoundLogger]:
+    level: LogLevel = "debug", fmt: LogFormat = "json"
+) -> tuple[io.StringIO, FilteringBoundLogger]:
     stream = io.StringIO()
     logs.configure(LogConfig(level=level, format=fmt), stream=stream)
     return stream, logs.get_logger(account="main")
@@ -51,7 +52,7 @@ def test_console_format_is_one_readable_line() -> None:
 
 
 @pytest.mark.parametrize("fmt", ["json", "console"])
-def test_secret_values_secret_keys_and_token_shapes_are_redacted(fmt: str) -> None:
+def test_secret_values_secret_keys_and_token_shapes_are_redacted(fmt: LogFormat) -> None:
     """A Secret, a field named like a credential, and a token inside text never print."""
     stream, log = render(fmt=fmt)
     log.info(
@@ -68,7 +69,7 @@ def test_secret_values_secret_keys_and_token_shapes_are_redacted(fmt: str) -> No
 
 
 @pytest.mark.parametrize("fmt", ["json", "console"])
-def test_a_token_inside_an_exception_traceback_is_redacted(fmt: str) -> None:
+def test_a_token_inside_an_exception_traceback_is_redacted(fmt: LogFormat) -> None:
     """Tracebacks are rendered to text before redaction, so an exception cannot leak a token."""
     stream, log = render(fmt=fmt)
     try:

@@ -288,6 +288,7 @@ async def test_normal_exit_closes_politely_and_an_error_aborts(
         try:
             await ws.get_message()
         except ConnectionClosed as exc:
+            assert exc.reason is not None
             seen.append(exc.reason.code)
             done.set()
 

@@ -50,13 +50,11 @@ async def next_ready(session: Session, sim: Simulator, after: int) -> SimConnect
     return sim.connections[-1]
 
 
-@pytest.fixture(autouse=True)
-def _virtual_time(autojump_clock: trio.testing.MockClock) -> None:
-    """Every test in this module runs on virtual time."""
-
-
 async def test_ready_only_after_cod_is_enabled_and_confirmed(
-    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
 ) -> None:
     """The setup runs hello, auth, COD enable, COD confirm, heartbeat in order, then READY."""
     session = start(nursery, sim)
@@ -83,7 +81,9 @@ async def test_ready_only_after_cod_is_enabled_and_confirmed(
     ]
 
 
-async def test_hello_names_the_client(nursery: trio.Nursery, sim: Simulator) -> None:
+async def test_hello_names_the_client(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
+) -> None:
     """public/hello introduces the keeper by name and version."""
     session = start(nursery, sim)
     await until_state(session, SessionState.READY)
@@ -92,7 +92,9 @@ async def test_hello_names_the_client(nursery: trio.Nursery, sim: Simulator) -> 
     assert isinstance(hello["client_version"], str) and hello["client_version"]
 
 
-async def test_signature_auth_never_sends_the_secret(nursery: trio.Nursery, sim: Simulator) -> None:
+async def test_signature_auth_never_sends_the_secret(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
+) -> None:
     """client_signature auth carries a signature, a timestamp and a nonce, not the secret."""
     session = start(nursery, sim, auth="signature")
     await until_state(session, SessionState.READY)
@@ -103,7 +105,7 @@ async def test_signature_auth_never_sends_the_secret(nursery: trio.Nursery, sim:
 
 
 async def test_credentials_auth_uses_client_credentials(
-    nursery: trio.Nursery, sim: Simulator
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
 ) -> None:
     """auth: credentials sends grant_type client_credentials and still reaches READY."""
     session = start(nursery, sim, auth="credentials")
@@ -112,7 +114,7 @@ async def test_credentials_auth_uses_client_credentials(
 
 
 async def test_account_scope_sets_the_account_and_protects_this_connection_too(
-    nursery: trio.Nursery, sim: Simulator
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
 ) -> None:
     """Scope account enables and confirms the account setting and the current connection."""
     session = start(nursery, sim, cancel_on_disconnect="account")
@@ -129,21 +131,21 @@ async def test_account_scope_sets_the_account_and_protects_this_connection_too(
 
 
 async def test_every_test_request_is_answered_for_an_hour(
-    nursery: trio.Nursery, sim: Simulator
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
 ) -> None:
     """An hour of 10 s heartbeats: every test_request answered, one connection throughout."""
     session = start(nursery, sim)
     await until_state(session, SessionState.READY)
-    await trio.sleep(3600)
+    await trio.sleep(3605)  # mid-interval, so the last test_request's answer has arrived
     conn = sim.connections[0]
     assert len(sim.connections) == 1 and conn.open
-    assert conn.test_requests_sent >= 359
+    assert conn.test_requests_sent == 360
     assert conn.test_requests_answered == conn.test_requests_sent
     assert session.test_requests_answered == conn.test_requests_answered
 
 
 async def test_token_is_refreshed_before_it_expires_on_the_same_connection(
-    nursery: trio.Nursery, log_lines: LogLines
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, log_lines: LogLines
 ) -> None:
     """With 100 s tokens, refreshes keep one connection authenticated and COD re-confirmed."""
     from .conftest import SIM_ACCOUNTS
@@ -203,7 +205,12 @@ async def _heartbeats_stop(sim: Simulator, conn: SimConnection) -> None:
     ],
 )
 async def test_a_broken_ready_link_is_noticed_and_rebuilt(
-    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines, fault: Any, reason: str
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+    fault: Any,
+    reason: str,
 ) -> None:
     """Each way a live link breaks ends it with a reason, then a fresh COD-confirmed one."""
     session = start(nursery, sim)
@@ -222,7 +229,10 @@ async def test_a_broken_ready_link_is_noticed_and_rebuilt(
 
 
 async def test_a_silent_link_is_declared_dead_after_interval_plus_grace(
-    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
 ) -> None:
     """Silence is noticed 1.5 heartbeat intervals after the last frame and the TCP is aborted."""
     session = start(nursery, sim, heartbeat_interval=20)
@@ -240,7 +250,11 @@ async def test_a_silent_link_is_declared_dead_after_interval_plus_grace(
 
 @pytest.mark.parametrize("method", SETUP)
 async def test_an_error_at_any_setup_step_means_no_ready_and_a_retry(
-    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines, method: str
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+    method: str,
 ) -> None:
     """A Deribit error during setup: no session.ready on that link, it is dropped, retried."""
     sim.fail_next(method, ErrorCode.TEMPORARILY_UNAVAILABLE)
@@ -257,7 +271,10 @@ async def test_an_error_at_any_setup_step_means_no_ready_and_a_retry(
 
 
 async def test_cod_that_is_not_confirmed_is_never_reported_ready(
-    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
 ) -> None:
     """get_cancel_on_disconnect saying enabled: false drops the link before READY."""
     sim.misreport_cod()
@@ -271,7 +288,10 @@ async def test_cod_that_is_not_confirmed_is_never_reported_ready(
 
 
 async def test_a_slow_answer_times_out_and_the_link_is_rebuilt(
-    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
 ) -> None:
     """An answer slower than request_timeout ends that attempt with request_timeout."""
     sim.delay_next("private/enable_cancel_on_disconnect", 60)
@@ -282,7 +302,10 @@ async def test_a_slow_answer_times_out_and_the_link_is_rebuilt(
 
 
 async def test_refused_handshakes_back_off_with_growing_jittered_capped_delays(
-    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
 ) -> None:
     """Ten refused handshakes: each delay within its doubling ceiling, capped, jittered."""
     sim.refuse_handshakes(10, status=429)
@@ -298,23 +321,30 @@ async def test_refused_handshakes_back_off_with_growing_jittered_capped_delays(
     assert {e["reason"] for e in log_lines.events("session.lost")} == {"handshake_rejected"}
 
 
-async def test_invalid_credentials_retry_slowly_and_log_errors(
-    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines
+@pytest.mark.parametrize(("auth", "code"), [("credentials", 13004), ("signature", 13009)])
+async def test_a_wrong_secret_retries_slowly_and_logs_errors(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+    auth: str,
+    code: int,
 ) -> None:
     """A wrong secret is an operator problem: error-level logs, delays near the cap, no READY."""
-    session = start(nursery, sim, client_secret=Secret("nope"))
+    session = start(nursery, sim, auth=auth, client_secret=Secret("nope"))
     await trio.sleep(200)
     assert session.state is not SessionState.READY
     lost = log_lines.events("session.lost")
     assert len(lost) >= 5
-    assert {(e["level"], e["code"], e["severity"]) for e in lost} == {
-        ("error", 13004, "persistent")
-    }
+    assert {(e["level"], e["code"], e["severity"]) for e in lost} == {("error", code, "persistent")}
     assert all(15.0 <= e["delay_s"] <= 30.0 for e in log_lines.events("session.retry"))
 
 
 async def test_rate_limit_waits_near_the_cap(
-    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
 ) -> None:
     """10028 (and the close that comes with it) backs off for at least half the cap."""
     sim.fail_next("public/auth", ErrorCode.TOO_MANY_REQUESTS, close_after=True)
@@ -327,7 +357,10 @@ async def test_rate_limit_waits_near_the_cap(
 
 
 async def test_backoff_resets_after_a_stable_connection(
-    nursery: trio.Nursery, sim: Simulator, log_lines: LogLines
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
 ) -> None:
     """A link that stayed ready for minutes before dying retries from the initial delay."""
     sim.refuse_handshakes(6)
@@ -342,7 +375,7 @@ async def test_backoff_resets_after_a_stable_connection(
 
 
 async def test_stop_while_ready_closes_without_logout_so_cod_fires(
-    nursery: trio.Nursery, sim: Simulator
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
 ) -> None:
     """on_shutdown close: a WebSocket close, no logout; Deribit applies COD."""
     session = start(nursery, sim, on_shutdown="close")
@@ -357,7 +390,7 @@ async def test_stop_while_ready_closes_without_logout_so_cod_fires(
 
 
 async def test_stop_while_ready_logs_out_first_so_orders_stay(
-    nursery: trio.Nursery, sim: Simulator
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
 ) -> None:
     """on_shutdown logout: private/logout first; Deribit closes and COD does not fire."""
     session = start(nursery, sim, on_shutdown="logout")
@@ -371,7 +404,7 @@ async def test_stop_while_ready_logs_out_first_so_orders_stay(
 
 
 async def test_logout_against_a_silent_exchange_still_ends_in_time(
-    nursery: trio.Nursery, sim: Simulator
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
 ) -> None:
     """If Deribit never closes after logout, the session gives up waiting within seconds."""
     session = start(nursery, sim, on_shutdown="logout")
@@ -387,7 +420,7 @@ async def test_logout_against_a_silent_exchange_still_ends_in_time(
     "stalled", ["public/hello", "public/auth", "private/enable_cancel_on_disconnect"]
 )
 async def test_stop_in_the_middle_of_setup_ends_at_once(
-    nursery: trio.Nursery, sim: Simulator, stalled: str
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator, stalled: str
 ) -> None:
     """A stop while a setup answer is pending does not wait for it."""
     sim.delay_next(stalled, 3)
@@ -400,7 +433,9 @@ async def test_stop_in_the_middle_of_setup_ends_at_once(
     await sim.wait_for(lambda: not sim.connections[0].open)
 
 
-async def test_stop_during_backoff_ends_at_once(nursery: trio.Nursery, sim: Simulator) -> None:
+async def test_stop_during_backoff_ends_at_once(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
+) -> None:
     """A stop while waiting to retry does not wait for the delay."""
     sim.fail_next("public/auth", ErrorCode.INVALID_CREDENTIALS)
     session = start(nursery, sim)

@@ -44,7 +44,7 @@ def silence_limit(heartbeat_interval: float) -> float:
 
 def _number(seconds: float) -> int | float:
     """A whole number of seconds as an int: ``10``, as Deribit's own examples send it."""
-    return int(seconds) if seconds.is_integer() else seconds
+    return int(seconds) if float(seconds).is_integer() else seconds
 
 
 class SessionState(Enum):
