@@ -21,7 +21,7 @@ async def test_demo_shows_ready_faults_losses_and_recoveries(
     """Ten virtual minutes of the demo: every fault kind happens and every account recovers."""
     await run_demo(
         DEMO_CONFIG,
-        duration_s=600,
+        duration_s=615,  # the last fault (at 600 s) has time to heal
         fault_every_s=20,
         rng=random.Random(2),
         handle_signals=False,

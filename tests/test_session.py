@@ -444,3 +444,39 @@ async def test_stop_during_backoff_ends_at_once(
     session.stop()
     await until_state(session, SessionState.STOPPED)
     assert trio.current_time() - asked < 0.1
+
+
+async def test_a_refused_refresh_reauthenticates_on_the_same_connection(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, log_lines: LogLines
+) -> None:
+    """A revoked refresh token is replaced by a fresh auth, without a reconnect firing COD."""
+    from .conftest import SIM_ACCOUNTS
+
+    sim = Simulator(list(SIM_ACCOUNTS), token_ttl_s=100)
+    await nursery.start(sim.serve, 0)
+    session = start(nursery, sim)
+    await until_state(session, SessionState.READY)
+    sim.fail_next("public/auth", ErrorCode.UNAUTHORIZED)
+    await trio.sleep(150)
+    conn = sim.connections[0]
+    assert len(sim.connections) == 1 and conn.open and not conn.cod_fired
+    grants = [p["grant_type"] for m, p in conn.requests if m == "public/auth"]
+    assert grants == ["client_signature", "refresh_token", "client_signature"]
+    assert [e["code"] for e in log_lines.events("session.token_refresh_refused")] == [13009]
+    assert [e["grant"] for e in log_lines.events("session.token_refreshed")] == ["client_signature"]
+    assert session.state is SessionState.READY
+
+
+async def test_a_loss_while_stopping_does_not_wait_out_a_backoff(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
+) -> None:
+    """If the link dies just as a stop begins, the session ends instead of retrying."""
+    session = start(nursery, sim, on_shutdown="logout")
+    await until_state(session, SessionState.READY)
+    sim.go_silent(sim.connections[0])
+    session.stop()
+    await sim.drop(sim.connections[0], abrupt=True)
+    asked = trio.current_time()
+    await until_state(session, SessionState.STOPPED)
+    assert trio.current_time() - asked < 0.1
+    assert len(sim.connections) == 1

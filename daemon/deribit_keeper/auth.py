@@ -26,6 +26,9 @@ REFRESH_AT_FRACTION: Final = 0.8
 
 WallClock = Callable[[], float]
 
+# The grant_type each configured `auth` method sends.
+GRANT_OF: Final = {"signature": "client_signature", "credentials": "client_credentials"}
+
 
 @dataclass(frozen=True, slots=True)
 class Token:
@@ -52,14 +55,14 @@ def credential_params(
     """
     if account.auth == "credentials":
         return {
-            "grant_type": "client_credentials",
+            "grant_type": GRANT_OF["credentials"],
             "client_id": account.client_id,
             "client_secret": account.client_secret.reveal(),
         }
     timestamp = int(wall_clock() * 1000)
     nonce = secrets.token_urlsafe(12)
     return {
-        "grant_type": "client_signature",
+        "grant_type": GRANT_OF["signature"],
         "client_id": account.client_id,
         "timestamp": timestamp,
         "nonce": nonce,

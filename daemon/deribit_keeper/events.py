@@ -23,6 +23,7 @@ SESSION_RETRY: Final = "session.retry"
 SESSION_STOPPING: Final = "session.stopping"
 SESSION_STOPPED: Final = "session.stopped"
 SESSION_TOKEN_REFRESHED: Final = "session.token_refreshed"
+SESSION_TOKEN_REFRESH_REFUSED: Final = "session.token_refresh_refused"
 SESSION_TEST_REQUEST_ANSWERED: Final = "session.test_request_answered"
 SESSION_UNEXPECTED_ERROR: Final = "session.unexpected_error"
 

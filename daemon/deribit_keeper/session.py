@@ -24,7 +24,7 @@ import trio
 from . import __version__, auth, events
 from .backoff import STABLE_AFTER_S, Backoff, Severity, classify
 from .config import AccountConfig
-from .errors import CodNotConfirmed, DeadLink, SessionLost
+from .errors import CodNotConfirmed, DeadLink, RpcError, SessionLost
 from .logs import get_logger
 from .rpc import RpcConnection, open_rpc_connection
 
@@ -226,7 +226,7 @@ class Session:
         """Answer a test_request at once; every other notification only proves the link alive."""
         if method != "heartbeat" or not isinstance(params, dict):
             return
-        if params.get("type") == "test_request" and self._tasks is not None and self.rpc:
+        if params.get("type") == "test_request" and self._tasks and self.rpc is not None:
             self._tasks.start_soon(self._answer_test_request, self.rpc)
 
     async def _answer_test_request(self, rpc: RpcConnection) -> None:
@@ -239,13 +239,24 @@ class Session:
         )
 
     async def _keep_token_fresh(self, rpc: RpcConnection, token: auth.Token) -> None:
-        """Refresh the connection's auth before the token runs out, then re-confirm COD."""
+        """Refresh the connection's auth before the token runs out, then re-confirm COD.
+
+        A refused refresh (an expired or revoked refresh token) falls back to a full
+        authentication on the same connection: reconnecting instead would fire COD and cancel
+        the orders it protects, for nothing.
+        """
         while True:
             await trio.sleep_until(token.refresh_at)
-            token = await auth.refresh(rpc, token)
+            grant = "refresh_token"
+            try:
+                token = await auth.refresh(rpc, token)
+            except RpcError as refused:
+                self._log.warning(events.SESSION_TOKEN_REFRESH_REFUSED, code=refused.code)
+                token = await auth.authenticate(rpc, self.account, wall_clock=self._wall_clock)
+                grant = auth.GRANT_OF[self.account.auth]
             await confirm_cod(rpc)
             self.cod_confirmed_at = self._wall_clock()
-            self._log.info(events.SESSION_TOKEN_REFRESHED, expires_in=token.expires_in)
+            self._log.info(events.SESSION_TOKEN_REFRESHED, grant=grant, expires_in=token.expires_in)
 
     async def _back_off(self, lost: SessionLost) -> None:
         """Log the loss, wait a jittered delay, and let ``run()`` try again."""
@@ -267,6 +278,8 @@ class Session:
             severity=severity.value,
             **({"code": lost.code} if hasattr(lost, "code") else {}),
         )
+        if self._stop_requested.is_set():
+            return  # lost while stopping: nothing to retry
         delay = self._backoff.delay(self._rng, severity)
         self._backoff = self._backoff.next()
         self.reconnects += 1

@@ -82,17 +82,20 @@ class Keeper:
         self._log.info(events.KEEPER_STOPPED)
 
     def stop(self, reason: str = "requested") -> None:
-        """Begin a graceful stop; called again, end every session at once."""
-        if self._sessions_scope is None:
-            return
+        """Begin a graceful stop; called again, end every session at once.
+
+        Safe before ``run()``: sessions told to stop before they start end at once.
+        """
         if self._stopping:
-            self._sessions_scope.cancel()
+            if self._sessions_scope is not None:
+                self._sessions_scope.cancel()
             return
         self._stopping = True
         self._log.info(events.KEEPER_STOPPING, reason=reason, deadline_s=SHUTDOWN_DEADLINE_S)
         for session in self.sessions.values():
             session.stop()
-        self._sessions_scope.deadline = trio.current_time() + SHUTDOWN_DEADLINE_S
+        if self._sessions_scope is not None:
+            self._sessions_scope.deadline = trio.current_time() + SHUTDOWN_DEADLINE_S
 
     async def _stop_on_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
         with trio.open_signal_receiver(*STOP_SIGNALS) as received:

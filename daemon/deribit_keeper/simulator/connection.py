@@ -1,0 +1,292 @@
+"""The I/O side of one simulated connection: reading frames, answering, heartbeats, closing.
+
+One ``ConnectionHandler`` runs per accepted WebSocket, inside its own nursery: a read loop, a
+heartbeat task while heartbeats are on, and a task per delayed answer. Every way a connection can
+end goes through one of two doors, so its ``SimConnection`` record is filled in exactly once:
+
+- the server ends it: anything (idle timer, unanswered test_request, logout, a fault, ``drop``)
+  calls ``request_close``; ``run`` performs that close and records it;
+- the client ends it: the read loop sees ``ConnectionClosed`` that the server did not ask for.
+
+If the handler is cancelled from outside (the simulator shutting down), the record says the
+server ended it abruptly: the socket is closed without a close frame, as when a server dies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import structlog
+import trio
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
+
+from .faults import Failure, Faults
+from .messages import (
+    BadFrame,
+    Request,
+    RpcFault,
+    error_frame,
+    notification_frame,
+    parse_frame,
+    result_frame,
+)
+from .session import Call, Dispatcher, Effect, LinkState, SimConnection
+
+IDLE_TIMEOUT_S = 600.0  # Deribit closes a connection after 10 minutes without inbound traffic
+CLOSE_TIMEOUT_S = 5.0  # how long a clean close waits for the client's close frame
+
+_ABNORMAL_CLOSURE = 1006  # what trio-websocket reports when TCP ended without a close frame
+_MESSAGE_TOO_BIG = 1009  # trio-websocket itself closed: a frame above its max_message_size
+
+_log = structlog.get_logger()
+
+
+class ConnectionHandler:
+    """Serves one accepted WebSocket until it ends, keeping its ``SimConnection`` up to date.
+
+    Args:
+        record: the public record of this connection, updated in place.
+        ws: the accepted WebSocket.
+        stream: the TCP stream under ``ws``, closed directly for an abrupt close.
+        dispatcher: answers well-formed requests.
+        faults: the simulator-wide armed faults (failures and delays are consumed here).
+        wall_clock: epoch seconds, for ``usIn``/``usOut``; durations use Trio time.
+        notify: called after every change of state that ``Simulator.wait_for`` may be waiting on.
+    """
+
+    def __init__(
+        self,
+        record: SimConnection,
+        ws: WebSocketConnection,
+        stream: trio.abc.Stream,
+        *,
+        dispatcher: Dispatcher,
+        faults: Faults,
+        wall_clock: Callable[[], float],
+        notify: Callable[[], None],
+    ) -> None:
+        self.record = record
+        self._ws = ws
+        self._stream = stream
+        self._dispatcher = dispatcher
+        self._faults = faults
+        self._wall_clock = wall_clock
+        self._notify = notify
+        self._link = LinkState()
+        self._silent = False
+        self._test_requests_suppressed = False
+        self._close_requested = trio.Event()
+        self._close_code = 1000
+        self._close_abrupt = False
+        self._heartbeat_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+
+    def __repr__(self) -> str:
+        return f"ConnectionHandler(id={self.record.id}, open={self.record.open})"
+
+    @property
+    def closing(self) -> bool:
+        """True once the server decided to close; nothing more is answered after that."""
+        return self._close_requested.is_set()
+
+    def request_close(self, code: int = 1000, *, abrupt: bool = False) -> None:
+        """Ask ``run`` to end the connection (idempotent: the first request wins).
+
+        A clean close sends a close frame with ``code``; an abrupt one closes the TCP socket.
+        """
+        if self.closing or self.record.closed_by is not None:
+            return
+        self._close_code = code
+        self._close_abrupt = abrupt
+        self._close_requested.set()
+
+    def go_silent(self) -> None:
+        """From now on send nothing (no answers, heartbeats, idle close) and ignore requests."""
+        self._silent = True
+
+    def suppress_test_requests(self) -> None:
+        """From now on send no test_requests (and so never close for an unanswered one)."""
+        self._test_requests_suppressed = True
+
+    async def send_raw(self, text: str) -> None:
+        """Send any text frame, even while silent (a fault is deliberate).
+
+        Raises:
+            ConnectionClosed: the WebSocket is closed or closing.
+        """
+        await self._ws.send_message(text)
+
+    async def run(self) -> None:
+        """Serve until the connection ends; on return the record says how it ended."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._read_loop, nursery.cancel_scope)
+                await self._close_requested.wait()
+                await self._close()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._finish()
+
+    async def _close(self) -> None:
+        self._record_end("server", None if self._close_abrupt else self._close_code)
+        if self._close_abrupt:
+            await trio.aclose_forcefully(self._stream)
+            return
+        # aclose sends the close frame and waits for the client's; on timeout it closes the
+        # socket itself, which then counts as clean anyway: our side did the handshake's half.
+        with trio.move_on_after(CLOSE_TIMEOUT_S):
+            await self._ws.aclose(self._close_code)
+
+    def _record_end(self, closed_by: Literal["client", "server"], code: int | None) -> None:
+        """Fill in how the connection ends, once, as soon as that is decided.
+
+        ``cod_fired`` is decided here too: this is the moment Deribit would cancel the orders.
+        ``code`` None means no close handshake (abrupt).
+        """
+        record = self.record
+        record.closed_by = closed_by
+        record.close_code = code
+        record.abrupt = code is None
+        record.cod_fired = record.cod_enabled and not record.logged_out
+
+    def _finish(self) -> None:
+        record = self.record
+        if record.closed_by is None:  # cancelled from outside: the simulator is going away
+            self._record_end("server", None)
+        record.open = False
+        record.closed_at = trio.current_time()
+        _log.info(
+            "simulator.connection_closed",
+            conn=record.id,
+            closed_by=record.closed_by,
+            code=record.close_code,
+            abrupt=record.abrupt,
+            cod_fired=record.cod_fired,
+        )
+        self._notify()
+
+    def _client_closed(self, reason: CloseReason | None) -> None:
+        """Record an end the server did not ask for."""
+        code = int(reason.code) if reason is not None else _ABNORMAL_CLOSURE
+        self._record_end(
+            "server" if code == _MESSAGE_TOO_BIG else "client",
+            None if code == _ABNORMAL_CLOSURE else code,
+        )
+
+    async def _read_loop(self, connection_scope: trio.CancelScope) -> None:
+        while True:
+            # Deribit's 10-minute rule; a silent server has stopped acting, so no timer then.
+            deadline = math.inf if self._silent else trio.current_time() + IDLE_TIMEOUT_S
+            with trio.move_on_at(deadline) as idle:
+                try:
+                    raw = await self._ws.get_message()
+                except ConnectionClosed as exc:
+                    if not self.closing:
+                        self._client_closed(exc.reason)
+                        connection_scope.cancel()
+                    return
+            if idle.cancelled_caught:
+                if not self._silent:
+                    self.request_close(1000)
+                continue
+            if not self.closing:
+                await self._on_frame(raw)
+
+    async def _on_frame(self, raw: str | bytes) -> None:
+        us_in = self._micros()
+        try:
+            request = parse_frame(raw)
+        except BadFrame as bad:
+            if not self._silent:
+                await self._send(error_frame(bad.request_id, bad.fault, us_in, self._micros()))
+            return
+        self.record.requests.append((request.method, request.params))
+        self._notify()
+        if self._silent:
+            return
+        # Faults are consumed on arrival, so "the next N calls" means the next N to arrive.
+        failure = self._faults.take_failure(request.method)
+        delay = self._faults.take_delay(request.method)
+        if delay > 0 and self._nursery is not None:
+            self._nursery.start_soon(self._answer, request, us_in, failure, delay)
+        else:
+            await self._answer(request, us_in, failure, 0.0)
+
+    async def _answer(
+        self, request: Request, us_in: int, failure: Failure | None, delay: float
+    ) -> None:
+        """Handle one request and send its answer, unless the connection is ending.
+
+        (choice) A delayed request is handled, not just answered, after the delay: it acts as
+        if the server were slow, so e.g. a delayed public/auth authenticates only then.
+        """
+        if delay > 0:
+            await trio.sleep(delay)
+        if self.closing:
+            return
+        try:
+            if failure is not None:
+                raise RpcFault(failure.code)
+            call = Call(
+                request.params,
+                self.record,
+                self._link,
+                now=trio.current_time(),
+                wall_now=self._wall_clock(),
+            )
+            reply = self._dispatcher.handle(request.method, call)
+        except RpcFault as fault:
+            await self._send(error_frame(request.id, fault, us_in, self._micros()))
+            if failure is not None and failure.close_after:
+                self.request_close(1000)
+            self._notify()
+            return
+        if reply.effect is Effect.CLOSE_WITHOUT_ANSWER:
+            self.request_close(1000)
+        else:
+            if reply.effect is Effect.HEARTBEAT_CHANGED:
+                await self._restart_heartbeats()
+            await self._send(result_frame(request.id, reply.result, us_in, self._micros()))
+        self._notify()
+
+    async def _restart_heartbeats(self) -> None:
+        if self._heartbeat_scope is not None:
+            self._heartbeat_scope.cancel()
+            self._heartbeat_scope = None
+        interval = self.record.heartbeat_interval
+        if interval is not None and self._nursery is not None:
+            self._heartbeat_scope = await self._nursery.start(self._heartbeats, interval)
+
+    async def _heartbeats(
+        self, interval: float, *, task_status: trio.TaskStatus[trio.CancelScope]
+    ) -> None:
+        """One test_request per interval; close when the previous one is still unanswered."""
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            due = trio.current_time()
+            while True:
+                due += interval
+                await trio.sleep_until(due)
+                if self._silent or self._test_requests_suppressed or self.closing:
+                    continue
+                if self._link.test_outstanding:
+                    self.request_close(1000)
+                    return
+                self._link.test_outstanding = True
+                self.record.test_requests_sent += 1
+                await self._send(notification_frame("heartbeat", {"type": "test_request"}))
+                self._notify()
+
+    async def _send(self, text: str) -> None:
+        if self._silent:
+            return
+        try:
+            await self._ws.send_message(text)
+        except ConnectionClosed:
+            pass  # the read loop sees the close and records it
+
+    def _micros(self) -> int:
+        return int(self._wall_clock() * 1_000_000)

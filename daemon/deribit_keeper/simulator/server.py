@@ -1,0 +1,286 @@
+"""The Simulator: a Deribit WebSocket endpoint of our own, with faults on demand.
+
+It serves ``ws://host:port/ws/api/v2`` over plain TCP, one ``ConnectionHandler`` per accepted
+WebSocket, and exposes what tests need to assert on (``connections``, ``issued_tokens``,
+``account_cod``), to wait on (``wait_for``) and to break (``fail_next``, ``drop``, ...).
+
+TCP is accepted with ``trio.serve_listeners`` and wrapped with trio-websocket's
+``wrap_server_stream`` rather than handed to ``serve_websocket``: keeping the TCP stream is what
+lets ``drop(conn, abrupt=True)`` end a connection without a close frame, and lets handshakes be
+refused (``refuse_handshakes``, the per-IP limit) before a connection is counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import structlog
+import trio
+from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
+
+from deribit_keeper.protocol import MAX_CONNECTIONS_PER_IP
+
+from .accounts import SimAccount
+from .connection import CLOSE_TIMEOUT_S, ConnectionHandler
+from .exchange import Exchange
+from .faults import Faults
+from .session import Dispatcher, SimConnection
+
+API_PATH = "/ws/api/v2"
+HANDSHAKE_TIMEOUT_S = 10.0  # a client that opens TCP but never finishes the handshake is dropped
+
+_log = structlog.get_logger()
+
+
+class Simulator:
+    """A Deribit JSON-RPC v2 WebSocket server for tests, the demo and users.
+
+    Args:
+        accounts: the API keys it accepts; client_ids must be unique.
+        token_ttl_s: lifetime of access and refresh tokens (Trio time); ``expires_in`` reports it.
+        wall_clock: epoch seconds, used only for signature timestamps and ``usIn``/``usOut``.
+        host: the address to bind; a literal address is best (see ``serve``).
+        max_connections_per_ip: open connections one IP may hold; the next handshake gets 429.
+
+    Raises:
+        ValueError: duplicate client_id, non-positive ``token_ttl_s`` or connection limit.
+    """
+
+    def __init__(
+        self,
+        accounts: Iterable[SimAccount],
+        *,
+        token_ttl_s: float = 900.0,
+        wall_clock: Callable[[], float] = time.time,
+        host: str = "127.0.0.1",
+        max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP,
+    ) -> None:
+        if max_connections_per_ip < 1:
+            raise ValueError(f"max_connections_per_ip must be >= 1, got {max_connections_per_ip}")
+        self._exchange = Exchange(accounts, token_ttl_s=token_ttl_s)
+        self._faults = Faults()
+        self._dispatcher = Dispatcher(self._exchange, self._faults)
+        self._wall_clock = wall_clock
+        self._host = host
+        self._max_per_ip = max_connections_per_ip
+        self._port: int | None = None
+        self._open_per_ip: Counter[str] = Counter()
+        self._live: dict[int, ConnectionHandler] = {}
+        self._changed = trio.Event()
+        self.connections: list[SimConnection] = []
+        self.rejected_handshakes: list[int] = []  # HTTP status of every refused handshake
+
+    def __repr__(self) -> str:
+        where = self.url if self._port is not None else f"{self._host} (not serving)"
+        names = [account.name for account in self._exchange.accounts]
+        return f"Simulator({where}, accounts={names!r}, connections={len(self.connections)})"
+
+    @property
+    def url(self) -> str:
+        """``ws://host:port/ws/api/v2``, valid once ``serve`` has started.
+
+        Raises:
+            RuntimeError: ``serve`` has not bound a port yet.
+        """
+        if self._port is None:
+            raise RuntimeError("the simulator is not serving yet: start sim.serve first")
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"ws://{host}:{self._port}{API_PATH}"
+
+    @property
+    def issued_tokens(self) -> list[str]:
+        """Every access and refresh token ever issued, for tests that look for leaks."""
+        return self._exchange.issued_tokens
+
+    def account_cod(self, client_id: str) -> bool:
+        """The stored account-level COD setting of ``client_id`` (KeyError if unknown)."""
+        return self._exchange.account_cod(client_id)
+
+    async def serve(
+        self, port: int = 0, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen on ``host:port`` (0 for any free port) until cancelled.
+
+        Reports the bound port through ``task_status``: ``port = await nursery.start(sim.serve)``.
+        When ``host`` resolves to several addresses only the first is served, so that port 0
+        yields one port and one URL. On cancellation every open connection ends abruptly (the
+        record says closed by the server, no close frame), as when a real server dies.
+        """
+        if self._port is not None:
+            raise RuntimeError("this simulator is already serving")
+        listeners = await trio.open_tcp_listeners(port, host=self._host)
+        for extra in listeners[1:]:
+            await extra.aclose()
+        listener = listeners[0]
+        self._port = int(listener.socket.getsockname()[1])
+        _log.info("simulator.listening", host=self._host, port=self._port)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle_tcp, [listener])
+            task_status.started(self._port)
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Return once ``predicate()`` is true.
+
+        It is re-checked after every change of simulator state (connection opened or closed,
+        request recorded or answered, heartbeat sent, handshake refused), never by polling; so it
+        must depend only on simulator state. Wrap it in ``trio.fail_after`` to bound the wait.
+        """
+        while not predicate():
+            await self._changed.wait()
+
+    # Fault injection -------------------------------------------------------------------------
+
+    def fail_next(
+        self, method: str, code: int, *, times: int = 1, close_after: bool = False
+    ) -> None:
+        """Answer the next ``times`` calls of ``method`` (any connection) with error ``code``.
+
+        With ``close_after`` the connection is closed (code 1000) right after the answer: how
+        10028 ``too_many_requests`` terminates a session.
+        """
+        self._faults.fail_next(method, code, times=times, close_after=close_after)
+
+    def delay_next(self, method: str, seconds: float, *, times: int = 1) -> None:
+        """Handle the next ``times`` calls of ``method`` only after ``seconds``.
+
+        Other requests on the same connection are answered meanwhile, so answers come out of
+        order.
+        """
+        self._faults.delay_next(method, seconds, times=times)
+
+    def misreport_cod(self, *, times: int = 1) -> None:
+        """Make the next get_cancel_on_disconnect answers say ``enabled: false``."""
+        self._faults.misreport_cod(times=times)
+
+    def refuse_handshakes(self, n: int, status: int = 429) -> None:
+        """Reject the next ``n`` WebSocket handshakes with HTTP ``status``."""
+        self._faults.refuse_handshakes(n, status)
+
+    async def drop(self, conn: SimConnection, *, abrupt: bool = False) -> None:
+        """End ``conn`` from the server side and return once it has ended.
+
+        Clean: a close frame with code 1000. Abrupt: the TCP socket is closed with no close frame.
+        Does nothing if the connection has already ended.
+        """
+        handler = self._live.get(conn.id)
+        if handler is None:
+            return
+        handler.request_close(1000, abrupt=abrupt)
+        await self.wait_for(lambda: not conn.open)
+
+    def go_silent(self, conn: SimConnection) -> None:
+        """From now on send nothing on ``conn`` and ignore what arrives; TCP stays open.
+
+        Requests that arrive are still recorded in ``conn.requests``, but not handled.
+        """
+        handler = self._live.get(conn.id)
+        if handler is not None:
+            handler.go_silent()
+
+    def suppress_test_requests(self, conn: SimConnection) -> None:
+        """Keep answering on ``conn`` but send no more heartbeat test_requests."""
+        handler = self._live.get(conn.id)
+        if handler is not None:
+            handler.suppress_test_requests()
+
+    async def send_raw(self, conn: SimConnection, text: str) -> None:
+        """Send an arbitrary text frame on ``conn`` (garbage, unsolicited answers...).
+
+        Raises:
+            ValueError: the connection has ended.
+        """
+        handler = self._live.get(conn.id)
+        if handler is None:
+            raise ValueError(f"connection {conn.id} has ended")
+        try:
+            await handler.send_raw(text)
+        except ConnectionClosed as exc:
+            raise ValueError(f"connection {conn.id} has ended") from exc
+
+    # Serving ---------------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        """Wake every ``wait_for`` so it re-checks its predicate."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _handle_tcp(self, stream: trio.SocketStream) -> None:
+        """Run the handshake, then the connection, for one accepted TCP stream."""
+        try:
+            try:
+                peer: Any = stream.socket.getpeername()
+            except OSError:
+                return  # the client vanished before we could even ask who it was
+            async with trio.open_nursery() as nursery:
+                request: WebSocketRequest | None = None
+                with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+                    request = await wrap_server_stream(nursery, stream)
+                if request is not None and await self._handle_request(
+                    request, str(peer[0]), stream
+                ):
+                    # trio-websocket's reader task ends with the close handshake; bound the wait.
+                    nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT_S
+                else:  # timed out or refused: nothing more to read; closing the socket says so
+                    nursery.cancel_scope.cancel()
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    def _verdict(self, path: str, ip: str) -> int | None:
+        """The HTTP status to refuse a handshake with, or None to accept it (and count it)."""
+        status = self._faults.take_refusal()
+        if status is not None:
+            return status
+        if path.split("?", 1)[0] != API_PATH:
+            return 404  # (choice) Deribit serves the API only there
+        if self._open_per_ip[ip] >= self._max_per_ip:
+            return 429
+        self._open_per_ip[ip] += 1
+        return None
+
+    async def _handle_request(
+        self, request: WebSocketRequest, ip: str, stream: trio.abc.Stream
+    ) -> bool:
+        """Refuse the handshake, or accept it and serve the connection; False if refused."""
+        status = self._verdict(request.path, ip)
+        if status is not None:
+            self.rejected_handshakes.append(status)
+            self._notify()
+            try:
+                await request.reject(status)
+            except ConnectionClosed:
+                pass
+            return False
+        try:
+            await self._run_connection(request, stream)
+        finally:
+            self._open_per_ip[ip] -= 1
+            if not self._open_per_ip[ip]:
+                del self._open_per_ip[ip]
+        return True
+
+    async def _run_connection(self, request: WebSocketRequest, stream: trio.abc.Stream) -> None:
+        try:
+            ws = await request.accept()
+        except ConnectionClosed:
+            return
+        record = SimConnection(id=len(self.connections) + 1, opened_at=trio.current_time())
+        handler = ConnectionHandler(
+            record,
+            ws,
+            stream,
+            dispatcher=self._dispatcher,
+            faults=self._faults,
+            wall_clock=self._wall_clock,
+            notify=self._notify,
+        )
+        self.connections.append(record)
+        self._live[record.id] = handler
+        _log.info("simulator.connection_opened", conn=record.id)
+        self._notify()
+        try:
+            await handler.run()
+        finally:
+            del self._live[record.id]

@@ -1,0 +1,253 @@
+"""What one simulated connection knows, and how each JSON-RPC method changes it.
+
+``SimConnection`` is the record tests read; ``LinkState`` holds what tests must not see (the
+access token); ``Dispatcher`` answers one request by changing those and the exchange. There is no
+I/O here: a method returns a ``Reply`` whose ``effect`` tells the connection what to do on the
+wire besides answering (restart heartbeats, or close without answering after a logout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Final, Literal
+
+from deribit_keeper.protocol import API_VERSION, HEARTBEAT_MIN_S, ErrorCode
+
+from .exchange import Exchange, Grant
+from .faults import Faults
+from .messages import (
+    RpcFault,
+    get_choice,
+    get_int,
+    get_number,
+    get_str,
+    invalid,
+    opt_bool,
+    opt_str,
+)
+
+COD_SCOPES: Final = ("connection", "account")
+GRANT_TYPES: Final = ("client_credentials", "client_signature", "refresh_token")
+
+
+@dataclass(eq=False)
+class SimConnection:
+    """The record of one accepted WebSocket, for tests to read (never to write).
+
+    ``cod_fired`` is set when the connection ended while its COD was active and it had not logged
+    out: the moment Deribit would cancel the orders this connection created. Times are Trio time.
+    ``repr`` leaves out ``requests``, whose params may hold a secret.
+    """
+
+    id: int
+    opened_at: float
+    requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list, repr=False)
+    client_id: str | None = None
+    cod_enabled: bool = False
+    heartbeat_interval: float | None = None
+    test_requests_sent: int = 0
+    test_requests_answered: int = 0
+    open: bool = True
+    closed_by: Literal["client", "server"] | None = None
+    close_code: int | None = None
+    abrupt: bool = False
+    logged_out: bool = False
+    cod_fired: bool = False
+    closed_at: float | None = None
+
+    def methods(self) -> list[str]:
+        """The methods of the well-formed requests received, in arrival order."""
+        return [method for method, _ in self.requests]
+
+
+@dataclass(slots=True)
+class LinkState:
+    """Per-connection state that is nobody's business but the simulator's."""
+
+    access_token: str | None = field(default=None, repr=False)
+    test_outstanding: bool = False  # a test_request was sent and no public/test came since
+
+
+class Effect(Enum):
+    """What the connection must do on the wire besides sending the answer."""
+
+    NONE = "none"
+    HEARTBEAT_CHANGED = "heartbeat_changed"  # (re)start or stop heartbeats per the record
+    CLOSE_WITHOUT_ANSWER = "close_without_answer"  # private/logout
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A method's result and the effect that goes with it."""
+
+    result: Any
+    effect: Effect = Effect.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One request as a method sees it: who it came over, and what time it is."""
+
+    params: dict[str, Any]
+    conn: SimConnection
+    link: LinkState
+    now: float  # Trio time
+    wall_now: float  # epoch seconds
+
+
+class Dispatcher:
+    """Answers requests: one private method per JSON-RPC method, looked up by name.
+
+    Args:
+        exchange: accounts, tokens and account-level COD, shared by all connections.
+        faults: consulted for ``misreport_cod``; failures and delays are applied by the caller.
+    """
+
+    def __init__(self, exchange: Exchange, faults: Faults) -> None:
+        self._exchange = exchange
+        self._faults = faults
+        self._methods: dict[str, Callable[[Call], Reply]] = {
+            "public/hello": self._hello,
+            "public/test": self._test,
+            "public/auth": self._auth,
+            "public/set_heartbeat": self._set_heartbeat,
+            "public/disable_heartbeat": self._disable_heartbeat,
+            "private/enable_cancel_on_disconnect": self._enable_cod,
+            "private/disable_cancel_on_disconnect": self._disable_cod,
+            "private/get_cancel_on_disconnect": self._get_cod,
+            "private/logout": self._logout,
+        }
+
+    def handle(self, method: str, call: Call) -> Reply:
+        """Answer one request.
+
+        Raises:
+            RpcFault: the Deribit error to answer with (-32601 for a method not simulated).
+        """
+        handler = self._methods.get(method)
+        if handler is None:
+            raise RpcFault(ErrorCode.METHOD_NOT_FOUND)
+        return handler(call)
+
+    def _client(self, call: Call) -> str:
+        """The account a private request acts for, or 13009.
+
+        The connection's own auth is used unless the request carries ``access_token``, which then
+        must be valid itself (Deribit accepts either on a WebSocket).
+        """
+        if "access_token" in call.params:
+            return self._exchange.client_of(get_str(call.params, "access_token"), now=call.now)
+        if call.link.access_token is None:
+            raise RpcFault(ErrorCode.UNAUTHORIZED)
+        return self._exchange.client_of(call.link.access_token, now=call.now)
+
+    def _hello(self, call: Call) -> Reply:
+        get_str(call.params, "client_name")
+        get_str(call.params, "client_version")
+        return Reply({"version": API_VERSION})
+
+    def _test(self, call: Call) -> Reply:
+        # Any public/test answers an outstanding test_request, even one asking for an error.
+        if call.link.test_outstanding:
+            call.link.test_outstanding = False
+            call.conn.test_requests_answered += 1
+        if "expected_result" in call.params:
+            get_choice(call.params, "expected_result", ("exception",))
+            # (choice) the sheet names no code: 13028 temporarily_unavailable is a transient
+            # server-side error, the class a client's error path must survive.
+            raise RpcFault(ErrorCode.TEMPORARILY_UNAVAILABLE)
+        return Reply({"version": API_VERSION})
+
+    def _auth(self, call: Call) -> Reply:
+        params = call.params
+        grant_type = get_choice(params, "grant_type", GRANT_TYPES)
+        opt_str(params, "scope", "")  # session scopes are not simulated: checked, then ignored
+        grant: Grant
+        if grant_type == "client_credentials":
+            grant = self._exchange.grant_client_credentials(
+                get_str(params, "client_id"),
+                get_str(params, "client_secret"),
+                now=call.now,
+                wall_now=call.wall_now,
+            )
+        elif grant_type == "client_signature":
+            grant = self._exchange.grant_client_signature(
+                get_str(params, "client_id"),
+                get_int(params, "timestamp"),
+                get_str(params, "nonce"),
+                get_str(params, "signature"),
+                opt_str(params, "data", ""),
+                now=call.now,
+                wall_now=call.wall_now,
+            )
+        else:
+            grant = self._exchange.grant_refresh_token(
+                get_str(params, "refresh_token"), now=call.now, wall_now=call.wall_now
+            )
+        # (choice) The account is only known once the connection authenticates, so that is when
+        # its COD takes the account setting; re-authenticating as the same account keeps it.
+        if call.conn.client_id != grant.client_id:
+            call.conn.cod_enabled = self._exchange.account_cod(grant.client_id)
+        call.conn.client_id = grant.client_id
+        call.link.access_token = grant.access_token
+        return Reply(
+            {
+                "access_token": grant.access_token,
+                "expires_in": grant.expires_in,
+                "refresh_token": grant.refresh_token,
+                "scope": "connection mainaccount",
+                "token_type": "bearer",
+                "enabled_features": [],
+            }
+        )
+
+    def _set_heartbeat(self, call: Call) -> Reply:
+        interval = get_number(call.params, "interval")
+        if interval < HEARTBEAT_MIN_S:
+            raise invalid("interval", f"must be at least {HEARTBEAT_MIN_S}")
+        call.conn.heartbeat_interval = interval
+        call.link.test_outstanding = False  # a new schedule starts with a clean slate
+        return Reply("ok", Effect.HEARTBEAT_CHANGED)
+
+    def _disable_heartbeat(self, call: Call) -> Reply:
+        call.conn.heartbeat_interval = None
+        call.link.test_outstanding = False
+        return Reply("ok", Effect.HEARTBEAT_CHANGED)
+
+    def _set_cod(self, call: Call, enabled: bool) -> Reply:
+        client_id = self._client(call)
+        if get_choice(call.params, "scope", COD_SCOPES, "connection") == "account":
+            self._exchange.set_account_cod(client_id, enabled)
+        else:
+            call.conn.cod_enabled = enabled
+        return Reply("ok")
+
+    def _enable_cod(self, call: Call) -> Reply:
+        return self._set_cod(call, True)
+
+    def _disable_cod(self, call: Call) -> Reply:
+        return self._set_cod(call, False)
+
+    def _get_cod(self, call: Call) -> Reply:
+        client_id = self._client(call)
+        scope = get_choice(call.params, "scope", COD_SCOPES, "connection")
+        if scope == "account":
+            enabled = self._exchange.account_cod(client_id)
+        else:
+            enabled = call.conn.cod_enabled
+        if self._faults.take_misreport():
+            enabled = False
+        return Reply({"scope": scope, "enabled": enabled})
+
+    def _logout(self, call: Call) -> Reply:
+        # (choice) logout is private: without valid auth it is answered 13009 and nothing closes.
+        self._client(call)
+        invalidate = opt_bool(call.params, "invalidate_token", True)
+        call.conn.logged_out = True
+        if invalidate:
+            token = call.params.get("access_token", call.link.access_token)
+            if isinstance(token, str):
+                self._exchange.revoke_session(token)
+        return Reply(None, Effect.CLOSE_WITHOUT_ANSWER)
