@@ -656,7 +656,7 @@ def test_describe_summarises_each_account() -> None:
         "  client_id: XyZ98765",
         "  secret: env MAIN_SECRET",
         "  auth: credentials (client_credentials, the secret is sent to Deribit)",
-        "  cancel_on_disconnect: connection (cancels orders placed on this connection)",
+        "  cancel_on_disconnect: connection (COD on for the keeper's connection)",
         "  heartbeat: every 10s; request timeout 5s",
         "  backoff: 0.5s doubling to 30s",
         "  on_shutdown: logout (private/logout first, Cancel-On-Disconnect does not fire)",
@@ -700,7 +700,7 @@ def test_example_yaml_documents_every_key() -> None:
 def test_demo_yaml_loads() -> None:
     """config/demo.yaml loads as shipped: three loopback accounts with demo-only secrets."""
     config = load_config(CONFIG_DIR / "demo.yaml", environ={})
-    assert config.log == LogConfig(level="info", format="console")
+    assert config.log == LogConfig(level="debug", format="console")
     alpha, beta, gamma = config.accounts
     assert [a.name for a in config.accounts] == ["alpha", "beta", "gamma"]
     for account in config.accounts:

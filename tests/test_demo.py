@@ -8,6 +8,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
+from deribit_keeper.config import load_config
 from deribit_keeper.demo import FAULTS, run_demo
 
 from .conftest import LogLines
@@ -20,7 +21,7 @@ async def test_demo_shows_ready_faults_losses_and_recoveries(
 ) -> None:
     """Ten virtual minutes of the demo: every fault kind happens and every account recovers."""
     await run_demo(
-        DEMO_CONFIG,
+        load_config(DEMO_CONFIG),
         duration_s=615,  # the last fault (at 600 s) has time to heal
         fault_every_s=20,
         rng=random.Random(2),

@@ -124,8 +124,9 @@ def _demo(path: Path, fault_every: float) -> int:
 
     if not path.is_file():
         raise ConfigError(str(path), "", "not found (run `make demo` from the repository root)")
-    logs.configure(LogConfig(level="info", format="console"))
-    return _run_logged(lambda: trio.run(lambda: run_demo(path, fault_every_s=fault_every)))
+    config = load_config(path)
+    logs.configure(config.log)
+    return _run_logged(lambda: trio.run(lambda: run_demo(config, fault_every_s=fault_every)))
 
 
 def _run_logged(body: Callable[[], object]) -> int:

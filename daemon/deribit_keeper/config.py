@@ -187,8 +187,8 @@ _AUTH_NOTES: Final = {
     "credentials": "client_credentials, the secret is sent to Deribit",
 }
 _COD_NOTES: Final = {
-    "connection": "orders placed on this connection",
-    "account": "all the account's orders",
+    "connection": "on for the keeper's connection",
+    "account": "on for the keeper's connection and every connection the account opens later",
 }
 _SHUTDOWN_NOTES: Final = {
     "close": "drop the link, Cancel-On-Disconnect fires",
@@ -211,7 +211,7 @@ def describe(config: KeeperConfig) -> list[str]:
             f"  client_id: {a.client_id}",
             f"  secret: {a.secret_source}",
             f"  auth: {a.auth} ({_AUTH_NOTES[a.auth]})",
-            f"  cancel_on_disconnect: {cod} (cancels {_COD_NOTES[cod]})",
+            f"  cancel_on_disconnect: {cod} (COD {_COD_NOTES[cod]})",
             f"  heartbeat: every {a.heartbeat_interval:g}s; request timeout {a.request_timeout:g}s",
             f"  backoff: {a.backoff.initial:g}s doubling to {a.backoff.max:g}s",
             f"  on_shutdown: {a.on_shutdown} ({_SHUTDOWN_NOTES[a.on_shutdown]})",

@@ -12,13 +12,12 @@ import dataclasses
 import itertools
 import random
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Final
 
 import trio
 
 from . import events
-from .config import KeeperConfig, load_config
+from .config import KeeperConfig
 from .logs import get_logger
 from .protocol import ErrorCode
 from .simulator import SimAccount, SimConnection, Simulator
@@ -66,27 +65,33 @@ def pointed_at(config: KeeperConfig, url: str) -> KeeperConfig:
     return dataclasses.replace(config, accounts=accounts)
 
 
-async def _inject_faults(sim: Simulator, every_s: float, rng: random.Random) -> None:
+async def _inject_faults(
+    sim: Simulator, config: KeeperConfig, every_s: float, rng: random.Random
+) -> None:
     log = get_logger()
+    account_of = {a.client_id: a.name for a in config.accounts}
     for name, fault in itertools.cycle(FAULTS):
         await trio.sleep(every_s)
         victims = [c for c in sim.connections if c.open and c.heartbeat_interval is not None]
         if victims:
             victim = rng.choice(victims)
-            log.warning(events.DEMO_FAULT, fault=name, connection=victim.id)
+            account = account_of.get(victim.client_id or "", "?")
+            log.warning(events.DEMO_FAULT, fault=name, account=account, connection=victim.id)
             await fault(sim, victim)
 
 
 async def run_demo(
-    config_path: Path,
+    config: KeeperConfig,
     *,
     duration_s: float | None = None,
     fault_every_s: float = 20.0,
     rng: random.Random | None = None,
     handle_signals: bool = True,
 ) -> None:
-    """Run the simulator and a keeper on it until Ctrl-C (or for ``duration_s`` seconds)."""
-    config = load_config(config_path)
+    """Run the simulator and a keeper on it until Ctrl-C (or for ``duration_s`` seconds).
+
+    The accounts of ``config`` become the simulator's accounts; their endpoints are replaced.
+    """
     sim = Simulator(
         [SimAccount(a.name, a.client_id, a.client_secret.reveal()) for a in config.accounts],
         token_ttl_s=DEMO_TOKEN_TTL_S,
@@ -94,7 +99,7 @@ async def run_demo(
     async with trio.open_nursery() as nursery:
         await nursery.start(sim.serve, 0)
         keeper = Keeper(pointed_at(config, sim.url), rng=rng)
-        nursery.start_soon(_inject_faults, sim, fault_every_s, rng or random.Random())
+        nursery.start_soon(_inject_faults, sim, config, fault_every_s, rng or random.Random())
         if duration_s is not None:
             nursery.start_soon(_stop_after, keeper, duration_s)
         await keeper.run(handle_signals=handle_signals)
