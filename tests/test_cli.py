@@ -147,3 +147,22 @@ async def test_run_as_a_process_reaches_ready_and_exits_0_on_sigterm(
     assert not any(secret in output for secret in SECRETS)
     await sim.wait_for(lambda: not any(c.open for c in sim.connections))
     assert all(c.cod_fired for c in sim.connections)
+
+
+def test_an_unexpected_crash_is_logged_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug that escapes everything becomes one keeper.crashed event and exit code 1."""
+    from deribit_keeper.supervisor import Keeper
+
+    async def explode(self: Keeper, **_: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Keeper, "run", explode)
+    monkeypatch.setenv("MAIN_SECRET", SIM_ACCOUNTS[0].client_secret)
+    path = write_config(tmp_path, "ws://127.0.0.1:1/ws/api/v2")
+    assert main(["run", "--config", str(path)]) == 1
+    (line,) = capsys.readouterr().out.splitlines()
+    crashed = json.loads(line)
+    assert crashed["event"] == "keeper.crashed" and crashed["level"] == "error"
+    assert "RuntimeError: a bug" in crashed["exception"]
