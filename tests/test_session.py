@@ -39,7 +39,7 @@ async def until_state(session: Session, state: SessionState) -> None:
     if session.state is state:
         return
     entered = trio.Event()
-    session.watch(lambda s: entered.set() if s.state is state else None)
+    session.watch(lambda s, _event, _fields: entered.set() if s.state is state else None)
     await entered.wait()
 
 
@@ -480,3 +480,33 @@ async def test_a_loss_while_stopping_does_not_wait_out_a_backoff(
     await until_state(session, SessionState.STOPPED)
     assert trio.current_time() - asked < 0.1
     assert len(sim.connections) == 1
+
+
+async def test_snapshot_and_observers_follow_the_lifecycle(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
+) -> None:
+    """Observers see every event with its fields; snapshot() says what /status will show."""
+    seen: list[tuple[str, str]] = []
+    timed: list[str] = []
+    session = Session(
+        account_config(sim), rng=random.Random(1), on_request=lambda m, s: timed.append(m)
+    )
+    session.watch(lambda s, event, fields: seen.append((event, s.state.value)))
+    assert session.snapshot()["state"] == "stopped"
+    nursery.start_soon(session.run)
+    await until_state(session, SessionState.READY)
+    await trio.sleep(25)
+    ready = session.snapshot()
+    assert ready["state"] == "ready" and ready["ready"] is True
+    assert ready["cod_scope"] == "connection" and ready["cod_confirmed_at"].endswith("Z")
+    assert ready["seconds_since_last_message"] == pytest.approx(5, abs=0.1)
+    assert ready["reconnects"] == 0 and ready["last_error"] is None
+    await sim.drop(sim.connections[0], abrupt=True)
+    await sim.wait_for(lambda: len(sim.connections) == 2)
+    await until_state(session, SessionState.READY)
+    again = session.snapshot()
+    assert again["reconnects"] == 1 and again["last_error"]["reason"] == "connection_dropped"
+    assert ("session.ready", "ready") in seen and ("session.retry", "backoff") in seen
+    assert ("session.test_request_answered", "ready") in seen
+    assert ("session.lost", "ready") in seen  # lost is emitted before the state moves on
+    assert timed[:5] == SETUP and "public/test" in timed

@@ -23,7 +23,7 @@ async def all_ready(keeper: Keeper) -> None:
     """Wait, without polling, until every session is READY."""
     done = trio.Event()
 
-    def check(_: object = None) -> None:
+    def check(*_: object) -> None:
         if all(s.state is SessionState.READY for s in keeper.sessions.values()):
             done.set()
 

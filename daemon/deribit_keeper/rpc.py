@@ -35,6 +35,7 @@ CLOSE_TIMEOUT_S: Final = 1.0  # a polite close waits this long for the server's 
 NORMAL_CLOSURE: Final = 1000  # RFC 6455 close code
 
 OnNotification = Callable[[str, Any], None]
+OnRequest = Callable[[str, float], None]
 Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
 
@@ -71,8 +72,10 @@ class RpcConnection:
         *,
         on_notification: OnNotification,
         request_timeout: float,
+        on_request: OnRequest | None = None,
     ) -> None:
         self._ws = ws
+        self._on_request = on_request
         self._stream = stream
         self._on_notification = on_notification
         self.request_timeout = request_timeout
@@ -99,6 +102,7 @@ class RpcConnection:
                 a late answer is ignored.
         """
         limit = self.request_timeout if timeout is None else timeout
+        sent_at = trio.current_time()
         request_id = next(self._ids)
         pending = self._pending[request_id] = _Pending()
         try:
@@ -111,6 +115,8 @@ class RpcConnection:
         if scope.cancelled_caught:
             raise SessionLost("request_timeout", f"{method} unanswered after {limit:g}s")
         assert pending.message is not None
+        if self._on_request is not None:
+            self._on_request(method, trio.current_time() - sent_at)
         return _result_of(method, pending.message)
 
     async def call_expecting_close(
@@ -309,9 +315,11 @@ async def open_rpc_connection(
     request_timeout: float,
     on_notification: OnNotification,
     ssl_context: ssl.SSLContext | None = None,
+    on_request: OnRequest | None = None,
 ) -> AsyncIterator[RpcConnection]:
     """Connect to ``url`` and yield an ``RpcConnection``; end the link on the way out.
 
+    ``on_request(method, seconds)`` is told how long each answered request took (for metrics).
     Connecting (TCP, TLS, WebSocket handshake) is bounded by ``request_timeout``. A normal exit
     closes politely; an exception or cancellation aborts the link at once, without waiting for a
     close handshake, which is what a dead link calls for.
@@ -326,7 +334,11 @@ async def open_rpc_connection(
             if connecting.cancelled_caught:
                 raise SessionLost("connect_timeout", f"no WebSocket after {request_timeout:g}s")
             conn = RpcConnection(
-                ws, stream, on_notification=on_notification, request_timeout=request_timeout
+                ws,
+                stream,
+                on_notification=on_notification,
+                request_timeout=request_timeout,
+                on_request=on_request,
             )
             nursery.start_soon(conn._read_frames)
             graceful = False

@@ -15,7 +15,8 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Final
 
@@ -27,6 +28,9 @@ from .config import AccountConfig
 from .errors import CodNotConfirmed, DeadLink, RpcError, SessionLost
 from .logs import get_logger
 from .rpc import RpcConnection, open_rpc_connection
+
+Observer = Callable[["Session", str, Mapping[str, Any]], None]
+OnRequest = Callable[[str, float], None]  # (method, seconds until its answer arrived)
 
 CLIENT_NAME: Final = "deribit-keeper"
 LOGOUT_TIMEOUT_S: Final = 3.0  # private/logout has no answer; wait this long for Deribit's close
@@ -45,6 +49,14 @@ def silence_limit(heartbeat_interval: float) -> float:
 def _number(seconds: float) -> int | float:
     """A whole number of seconds as an int: ``10``, as Deribit's own examples send it."""
     return int(seconds) if float(seconds).is_integer() else seconds
+
+
+def _iso(wall: float | None) -> str | None:
+    if wall is None:
+        return None
+    return (
+        datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
 
 
 class SessionState(Enum):
@@ -106,6 +118,7 @@ class Session:
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
         ssl_context: ssl.SSLContext | None = None,
+        on_request: OnRequest | None = None,
     ) -> None:
         self.account = account
         self.state = SessionState.STOPPED
@@ -121,7 +134,8 @@ class Session:
         self._wall_clock = wall_clock
         self._ssl_context = ssl_context
         self._backoff = Backoff(account.backoff.initial, account.backoff.max)
-        self._observers: list[Callable[[Session], None]] = []
+        self._observers: list[Observer] = []
+        self._on_request = on_request
         self._stop_requested = trio.Event()
         self._scope = trio.CancelScope()
         self._tasks: trio.Nursery | None = None
@@ -129,9 +143,31 @@ class Session:
     def __repr__(self) -> str:
         return f"<Session {self.account.name} {self.state.value}>"
 
-    def watch(self, observer: Callable[[Session], None]) -> None:
-        """Call ``observer(session)`` after every state change (metrics, status, sd_notify)."""
+    def watch(self, observer: Observer) -> None:
+        """Call ``observer(session, event, fields)`` for every event this session logs.
+
+        State changes (``session.ready``, ``session.retry``, ...) arrive after ``state`` has
+        changed. This is how metrics, status and sd_notify learn what happened: from the same
+        events the log shows, never by polling.
+        """
         self._observers.append(observer)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a status endpoint shows about this session, read without touching the network."""
+        rpc = self.rpc
+        silent = None if rpc is None else round(trio.current_time() - rpc.last_inbound, 3)
+        return {
+            "state": self.state.value,
+            "ready": self.state is SessionState.READY,
+            "cod_scope": self.account.cancel_on_disconnect,
+            "cod_confirmed_at": _iso(self.cod_confirmed_at),
+            "connected_since": _iso(self.connected_since),
+            "seconds_since_last_message": silent,
+            "reconnects": self.reconnects,
+            "last_error": None
+            if self.last_error is None
+            else {"reason": self.last_error[0], "at": _iso(self.last_error[1])},
+        }
 
     def stop(self) -> None:
         """Ask the session to end per ``on_shutdown``; ``run()`` returns once it has.
@@ -159,13 +195,15 @@ class Session:
             self._enter(SessionState.STOPPED)
 
     def _enter(self, state: SessionState, level: int = logging.INFO, **fields: Any) -> None:
-        """The one place where the state changes: set it, log its event, tell the observers."""
+        """The one place where the state changes: set it, then emit its event."""
         self.state = state
-        if state in _QUIET_STATES:
-            level = logging.DEBUG
-        self._log.log(level, _EVENT_OF[state], **fields)
+        self._emit(logging.DEBUG if state in _QUIET_STATES else level, _EVENT_OF[state], **fields)
+
+    def _emit(self, level: int, event: str, **fields: Any) -> None:
+        """Log one event and tell the observers."""
+        self._log.log(level, event, **fields)
         for observer in self._observers:
-            observer(self)
+            observer(self, event, fields)
 
     async def _connect_and_serve(self) -> None:
         self._enter(SessionState.CONNECTING, url=self.account.url)
@@ -176,6 +214,7 @@ class Session:
                 request_timeout=self.account.request_timeout,
                 on_notification=self._on_notification,
                 ssl_context=self._ssl_context,
+                on_request=self._on_request,
             ) as rpc,
             trio.open_nursery() as tasks,
         ):
@@ -215,7 +254,7 @@ class Session:
             await self._stop_requested.wait()
         if watchdog.cancelled_caught:
             raise DeadLink(trio.current_time() - rpc.last_inbound)
-        self._log.info(events.SESSION_STOPPING, on_shutdown=self.account.on_shutdown)
+        self._emit(logging.INFO, events.SESSION_STOPPING, on_shutdown=self.account.on_shutdown)
         if self.account.on_shutdown == "logout":
             # Deribit answers a logout by closing the link, and COD does not fire for it.
             await rpc.call_expecting_close(
@@ -233,7 +272,8 @@ class Session:
         asked = trio.current_time()
         await rpc.call("public/test")
         self.test_requests_answered += 1
-        self._log.debug(
+        self._emit(
+            logging.DEBUG,
             events.SESSION_TEST_REQUEST_ANSWERED,
             latency_ms=round((trio.current_time() - asked) * 1000, 3),
         )
@@ -251,12 +291,17 @@ class Session:
             try:
                 token = await auth.refresh(rpc, token)
             except RpcError as refused:
-                self._log.warning(events.SESSION_TOKEN_REFRESH_REFUSED, code=refused.code)
+                self._emit(logging.WARNING, events.SESSION_TOKEN_REFRESH_REFUSED, code=refused.code)
                 token = await auth.authenticate(rpc, self.account, wall_clock=self._wall_clock)
                 grant = auth.GRANT_OF[self.account.auth]
             await confirm_cod(rpc)
             self.cod_confirmed_at = self._wall_clock()
-            self._log.info(events.SESSION_TOKEN_REFRESHED, grant=grant, expires_in=token.expires_in)
+            self._emit(
+                logging.INFO,
+                events.SESSION_TOKEN_REFRESHED,
+                grant=grant,
+                expires_in=token.expires_in,
+            )
 
     async def _back_off(self, lost: SessionLost) -> None:
         """Log the loss, wait a jittered delay, and let ``run()`` try again."""
@@ -268,7 +313,7 @@ class Session:
         severity = classify(lost)
         level = logging.ERROR if severity is Severity.PERSISTENT else logging.WARNING
         self.last_error = (lost.reason, self._wall_clock())
-        self._log.log(
+        self._emit(
             level,
             events.SESSION_LOST,
             reason=lost.reason,
