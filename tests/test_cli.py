@@ -16,7 +16,7 @@ import trio
 from deribit_keeper.cli import EX_CONFIG, main
 from deribit_keeper.simulator import Simulator
 
-from .conftest import SECRETS, SIM_ACCOUNTS
+from .conftest import SECRETS, SIM_ACCOUNTS, LogLines
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,7 +150,7 @@ async def test_run_as_a_process_reaches_ready_and_exits_0_on_sigterm(
 
 
 def test_an_unexpected_crash_is_logged_and_exits_1(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, log_lines: LogLines, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bug that escapes everything becomes one keeper.crashed event and exit code 1."""
     from deribit_keeper.supervisor import Keeper
@@ -162,7 +162,6 @@ def test_an_unexpected_crash_is_logged_and_exits_1(
     monkeypatch.setenv("MAIN_SECRET", SIM_ACCOUNTS[0].client_secret)
     path = write_config(tmp_path, "ws://127.0.0.1:1/ws/api/v2")
     assert main(["run", "--config", str(path)]) == 1
-    (line,) = capsys.readouterr().out.splitlines()
-    crashed = json.loads(line)
+    (crashed,) = log_lines.events()
     assert crashed["event"] == "keeper.crashed" and crashed["level"] == "error"
     assert "RuntimeError: a bug" in crashed["exception"]

@@ -13,6 +13,8 @@ KEEPER_STARTED: Final = "keeper.started"
 KEEPER_STOPPING: Final = "keeper.stopping"
 KEEPER_STOPPED: Final = "keeper.stopped"
 KEEPER_CRASHED: Final = "keeper.crashed"
+KEEPER_RELOADED: Final = "keeper.reloaded"
+KEEPER_RELOAD_FAILED: Final = "keeper.reload_failed"
 
 SESSION_CONNECTING: Final = "session.connecting"
 SESSION_AUTHENTICATING: Final = "session.authenticating"

@@ -58,11 +58,24 @@ def redact_secrets(
     return event_dict
 
 
+_current: LogConfig | None = None
+_stream: TextIO | None = None
+
+
+def current() -> LogConfig | None:
+    """The settings of the last ``configure`` call (a reload compares against them)."""
+    return _current
+
+
 def configure(log: LogConfig, stream: TextIO | None = None) -> None:
     """Install the processor chain for ``log.format`` at ``log.level``, writing to ``stream``.
 
     Safe to call again (on reload): loggers are not cached, so the new settings apply at once.
+    Without ``stream`` a reconfiguration keeps writing where the previous one did (stdout at
+    first).
     """
+    global _current, _stream
+    _current, _stream = log, stream if stream is not None else _stream
     renderer: structlog.types.Processor
     if log.format == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
@@ -81,7 +94,7 @@ def configure(log: LogConfig, stream: TextIO | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[log.level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(stream if stream is not None else sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(_stream if _stream is not None else sys.stdout),
         cache_logger_on_first_use=False,
     )
 

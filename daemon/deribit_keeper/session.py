@@ -137,6 +137,7 @@ class Session:
         self._observers: list[Observer] = []
         self._on_request = on_request
         self._stop_requested = trio.Event()
+        self.stopped = trio.Event()  # set once run() has returned
         self._scope = trio.CancelScope()
         self._tasks: trio.Nursery | None = None
 
@@ -193,6 +194,7 @@ class Session:
                         await self._back_off(SessionLost("internal_error", type(bug).__name__))
         finally:
             self._enter(SessionState.STOPPED)
+            self.stopped.set()
 
     def _enter(self, state: SessionState, level: int = logging.INFO, **fields: Any) -> None:
         """The one place where the state changes: set it, then emit its event."""

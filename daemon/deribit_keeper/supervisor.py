@@ -1,9 +1,13 @@
-"""The Keeper: one nursery holding a Session per account, and the process's signals.
+"""The Keeper: one nursery holding a Session per account, the process's signals, and reloads.
 
 Accounts are isolated: a Session absorbs its own failures (it logs, backs off and reconnects), so
-nothing one account meets can cancel another. Shutdown is the one thing the Keeper does to all of
-them at once: every session ends per its ``on_shutdown``, under one deadline, so the process exits
-within ``SHUTDOWN_DEADLINE_S`` even if Deribit never answers.
+nothing one account meets can cancel another. The Keeper does only what concerns all of them:
+
+* shutdown: every session ends per its ``on_shutdown``, under one deadline, so the process exits
+  within ``SHUTDOWN_DEADLINE_S`` even if Deribit never answers;
+* reload (SIGHUP): a new config is compared with the running one by account name; only the
+  accounts that were added, removed or changed are touched, so an unchanged account keeps its
+  connection (no reconnect, no new auth, no COD firing).
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ import random
 import signal
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
 import trio
 
-from . import __version__, events
-from .config import KeeperConfig
+from . import __version__, events, logs
+from .config import AccountConfig, KeeperConfig, load_config
+from .errors import ConfigError
 from .logs import get_logger
 from .session import Session, SessionState
 
@@ -26,6 +32,19 @@ from .session import Session, SessionState
 # Half a second is kept back for closing sockets and the last log lines.
 SHUTDOWN_DEADLINE_S: Final = 4.5
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+RELOAD_SIGNAL: Final = signal.SIGHUP
+
+# Narrows a freshly loaded config before it is used (the shard choice): identity by default.
+AccountFilter = Callable[[KeeperConfig], KeeperConfig]
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    """Which accounts a reload touched, by name."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
 
 
 class Keeper:
@@ -38,25 +57,27 @@ class Keeper:
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
         ssl_context: ssl.SSLContext | None = None,
+        account_filter: AccountFilter | None = None,
     ) -> None:
-        self.config = config
-        rng = rng if rng is not None else random.Random()
-        self.sessions: Mapping[str, Session] = {
-            account.name: Session(
-                account,
-                rng=random.Random(rng.random()),
-                wall_clock=wall_clock,
-                ssl_context=ssl_context,
-            )
-            for account in config.accounts
-        }
+        self._filter = account_filter
+        self.config = self._filter(config) if self._filter else config
+        self.sessions: dict[str, Session] = {}
+        self._rng = rng if rng is not None else random.Random()
+        self._wall_clock = wall_clock
+        self._ssl_context = ssl_context
         self._log = get_logger()
-        self._sessions_scope: trio.CancelScope | None = None
+        self._sessions_nursery: trio.Nursery | None = None
+        self._stop_requested = trio.Event()
         self._stopping = False
+        self._running = False
 
     def __repr__(self) -> str:
         ready = sum(s.state is SessionState.READY for s in self.sessions.values())
         return f"<Keeper {ready}/{len(self.sessions)} ready>"
+
+    def alive(self) -> bool:
+        """Whether the supervisor loop is running and not shutting down (for /healthz)."""
+        return self._running and not self._stopping
 
     async def run(
         self,
@@ -64,41 +85,139 @@ class Keeper:
         handle_signals: bool = True,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Run until every session has stopped. ``task_status.started()`` once all are launched.
+        """Run until ``stop()``. ``task_status.started()`` once every session is launched.
 
-        With ``handle_signals`` the first SIGTERM or SIGINT starts a graceful stop and a second
-        one ends the sessions at once.
+        With ``handle_signals``: the first SIGTERM or SIGINT starts a graceful stop, a second one
+        ends the sessions at once, and SIGHUP reloads the config file.
         """
         async with trio.open_nursery() as outer:
             if handle_signals:
-                await outer.start(self._stop_on_signals)
-            self._log.info(events.KEEPER_STARTED, version=__version__, accounts=len(self.sessions))
+                await outer.start(self._handle_signals)
+            self._log.info(
+                events.KEEPER_STARTED, version=__version__, accounts=len(self.config.accounts)
+            )
             async with trio.open_nursery() as sessions:
-                self._sessions_scope = sessions.cancel_scope
-                for name, session in self.sessions.items():
-                    sessions.start_soon(session.run, name=f"session:{name}")
+                self._sessions_nursery = sessions
+                self._running = True
+                # Keeps the nursery open while a reload leaves it with no account at all.
+                sessions.start_soon(self._stop_requested.wait)
+                for account in self.config.accounts:
+                    self._launch(account)
+                if self._stopping:  # stop() came before run()
+                    self._begin_shutdown()
                 task_status.started()
+            self._running = False
             outer.cancel_scope.cancel()  # every session is done: stop listening for signals
         self._log.info(events.KEEPER_STOPPED)
 
     def stop(self, reason: str = "requested") -> None:
         """Begin a graceful stop; called again, end every session at once.
 
-        Safe before ``run()``: sessions told to stop before they start end at once.
+        Safe before ``run()``: the sessions then end as soon as they are launched.
         """
         if self._stopping:
-            if self._sessions_scope is not None:
-                self._sessions_scope.cancel()
+            if self._sessions_nursery is not None:
+                self._sessions_nursery.cancel_scope.cancel()
             return
         self._stopping = True
         self._log.info(events.KEEPER_STOPPING, reason=reason, deadline_s=SHUTDOWN_DEADLINE_S)
+        if self._sessions_nursery is not None:
+            self._begin_shutdown()
+
+    def reload(self, config: KeeperConfig) -> ReloadResult:
+        """Move to ``config``: stop removed accounts, start added ones, restart changed ones.
+
+        An account whose settings (secret included) are unchanged keeps its Session and its
+        connection. A changed account's new session starts only once the old one has ended, so
+        the two never hold connections for the same key at once.
+        """
+        if self._filter is not None:
+            config = self._filter(config)
+        old = {a.name: a for a in self.config.accounts}
+        new = {a.name: a for a in config.accounts}
+        result = ReloadResult(
+            added=tuple(sorted(new.keys() - old.keys())),
+            removed=tuple(sorted(old.keys() - new.keys())),
+            changed=tuple(sorted(n for n in old.keys() & new.keys() if old[n] != new[n])),
+        )
+        self.config = config
+        if config.log != logs.current():
+            logs.configure(config.log)
+        for name in result.removed:
+            self.sessions[name].stop()
+        for name in result.changed:
+            self._relaunch_after(self.sessions[name], new[name])
+        for name in result.added:
+            self._launch(new[name])
+        return result
+
+    def reload_from_disk(self) -> ReloadResult | None:
+        """Re-read the config file; on any problem log it and keep running exactly as before."""
+        try:
+            config = load_config(self.config.source)
+        except ConfigError as error:
+            self._log.error(events.KEEPER_RELOAD_FAILED, reason=str(error))
+            return None
+        result = self.reload(config)
+        self._log.info(
+            events.KEEPER_RELOADED,
+            added=list(result.added),
+            removed=list(result.removed),
+            changed=list(result.changed),
+        )
+        return result
+
+    def _launch(self, account: AccountConfig) -> None:
+        assert self._sessions_nursery is not None
+        session = Session(
+            account,
+            rng=random.Random(self._rng.random()),
+            wall_clock=self._wall_clock,
+            ssl_context=self._ssl_context,
+        )
+        self.sessions[account.name] = session
+        self._sessions_nursery.start_soon(
+            self._run_session, session, name=f"session:{account.name}"
+        )
+
+    async def _run_session(self, session: Session) -> None:
+        try:
+            await session.run()
+        finally:
+            name = session.account.name
+            removed = all(a.name != name for a in self.config.accounts)
+            if removed and self.sessions.get(name) is session:
+                del self.sessions[name]
+
+    def _relaunch_after(self, old: Session, account: AccountConfig) -> None:
+        """Stop ``old``; once it has ended, start a session with the changed settings.
+
+        Until then ``old`` stays in ``sessions``, so status shows the account as stopped rather
+        than not at all.
+        """
+        assert self._sessions_nursery is not None
+
+        async def relaunch() -> None:
+            await old.stopped.wait()
+            if not self._stopping:
+                self._launch(account)
+
+        old.stop()
+        self._sessions_nursery.start_soon(relaunch, name=f"relaunch:{account.name}")
+
+    def _begin_shutdown(self) -> None:
+        assert self._sessions_nursery is not None
+        self._stop_requested.set()
         for session in self.sessions.values():
             session.stop()
-        if self._sessions_scope is not None:
-            self._sessions_scope.deadline = trio.current_time() + SHUTDOWN_DEADLINE_S
+        self._sessions_nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_DEADLINE_S
 
-    async def _stop_on_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
-        with trio.open_signal_receiver(*STOP_SIGNALS) as received:
+    async def _handle_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
+        with trio.open_signal_receiver(*STOP_SIGNALS, RELOAD_SIGNAL) as received:
             task_status.started()
             async for signum in received:
-                self.stop(reason=signal.Signals(signum).name)
+                if signum == RELOAD_SIGNAL:
+                    if not self._stopping:
+                        self.reload_from_disk()
+                else:
+                    self.stop(reason=signal.Signals(signum).name)

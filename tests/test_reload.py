@@ -1,0 +1,177 @@
+"""Reload (SIGHUP): only what changed is touched; a bad file changes nothing."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import textwrap
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from deribit_keeper.config import load_config
+from deribit_keeper.session import SessionState
+from deribit_keeper.simulator import SimConnection, Simulator
+from deribit_keeper.supervisor import Keeper
+
+from .conftest import SIM_ACCOUNTS, LogLines
+from .test_supervisor import all_ready
+
+
+def write(path: Path, sim: Simulator, accounts: str, *, level: str = "debug") -> Path:
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            log: {{level: {level}, format: json}}
+            defaults: {{url: "{sim.url}"}}
+            accounts:
+            """
+        )
+        + textwrap.indent(textwrap.dedent(accounts), "  ")
+    )
+    return path
+
+
+def entry(name: str, extra: str = "") -> str:
+    account = next(a for a in SIM_ACCOUNTS if a.name == name)
+    return (
+        f"- name: {name}\n  client_id: {account.client_id}\n"
+        f"  client_secret: {account.client_secret}\n{extra}"
+    )
+
+
+def open_connection_of(sim: Simulator, client_id: str) -> SimConnection:
+    (conn,) = [c for c in sim.connections if c.open and c.client_id == client_id]
+    return conn
+
+
+async def test_reload_touches_only_added_removed_and_changed_accounts(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+    tmp_path: Path,
+) -> None:
+    """Unchanged main keeps its connection; hedge is restarted, third added, then removed."""
+    path = write(tmp_path / "c.yaml", sim, entry("main") + entry("hedge"))
+    keeper = Keeper(load_config(path), rng=random.Random(1))
+    await nursery.start(keeper.run)
+    await all_ready(keeper)
+    main_conn = open_connection_of(sim, "main-id")
+    old_hedge = open_connection_of(sim, "hedge-id")
+
+    write(path, sim, entry("main") + entry("hedge", "  heartbeat_interval: 20\n") + entry("third"))
+    result = keeper.reload_from_disk()
+    assert result is not None
+    assert (result.added, result.removed, result.changed) == (("third",), (), ("hedge",))
+    await sim.wait_for(lambda: sum(c.open for c in sim.connections) == 3 and not old_hedge.open)
+    await all_ready(keeper)
+    await trio.sleep(60)
+    assert open_connection_of(sim, "main-id") is main_conn
+    assert main_conn.methods().count("public/auth") == 1
+    assert open_connection_of(sim, "hedge-id").heartbeat_interval == 20
+    assert old_hedge.cod_fired  # the old hedge link ended per on_shutdown: close
+    (reloaded,) = log_lines.events("keeper.reloaded")
+    assert (reloaded["added"], reloaded["removed"], reloaded["changed"]) == (
+        ["third"],
+        [],
+        ["hedge"],
+    )
+
+    write(path, sim, entry("main") + entry("hedge", "  heartbeat_interval: 20\n"))
+    keeper.reload_from_disk()
+    third = open_connection_of(sim, "third-id")
+    await sim.wait_for(lambda: not third.open)
+    await trio.sleep(1)
+    assert sorted(keeper.sessions) == ["hedge", "main"]
+    assert open_connection_of(sim, "main-id") is main_conn
+
+
+async def test_a_changed_secret_restarts_the_account(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    tmp_path: Path,
+) -> None:
+    """A new secret counts as a change: the account reconnects with it."""
+    path = write(tmp_path / "c.yaml", sim, entry("main"))
+    keeper = Keeper(load_config(path), rng=random.Random(1))
+    await nursery.start(keeper.run)
+    await all_ready(keeper)
+    write(path, sim, entry("main").replace("main-SECRET-do-not-log", "rotated"))
+    result = keeper.reload_from_disk()
+    assert result is not None and result.changed == ("main",)
+    await sim.wait_for(lambda: len(sim.connections) == 2)
+    await trio.sleep(5)
+    assert keeper.sessions["main"].state is not SessionState.READY  # the simulator rejects it
+
+
+async def test_an_invalid_config_changes_nothing(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+    tmp_path: Path,
+) -> None:
+    """A broken file on reload: keeper.reload_failed with the reason, every link untouched."""
+    path = write(tmp_path / "c.yaml", sim, entry("main") + entry("hedge"))
+    keeper = Keeper(load_config(path), rng=random.Random(1))
+    await nursery.start(keeper.run)
+    await all_ready(keeper)
+    before = list(sim.connections)
+    path.write_text(path.read_text().replace("accounts:", "acounts:"))
+    assert keeper.reload_from_disk() is None
+    await trio.sleep(60)
+    assert sim.connections == before and all(c.open for c in before)
+    (failed,) = log_lines.events("keeper.reload_failed")
+    assert "acounts" in failed["reason"] and failed["level"] == "error"
+    assert not log_lines.events("keeper.reloaded")
+
+
+async def test_a_log_level_change_applies_at_once(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+    tmp_path: Path,
+) -> None:
+    """Raising the level to warning silences info and debug lines from then on."""
+    path = write(tmp_path / "c.yaml", sim, entry("main"))
+    keeper = Keeper(load_config(path), rng=random.Random(1))
+    await nursery.start(keeper.run)
+    await all_ready(keeper)
+    write(path, sim, entry("main"), level="warning")
+    keeper.reload_from_disk()
+    mark = len(log_lines.events())
+    await trio.sleep(100)  # ten test_requests answered, at debug
+    await sim.drop(open_connection_of(sim, "main-id"), abrupt=True)
+    await all_ready(keeper)
+    await trio.sleep(1)
+    later = log_lines.events()[mark:]
+    assert later and {e["level"] for e in later} == {"warning"}
+
+
+async def test_sighup_reloads_even_when_every_account_is_replaced(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+    tmp_path: Path,
+) -> None:
+    """SIGHUP reloads; replacing every account by another works without a restart."""
+    path = write(tmp_path / "c.yaml", sim, entry("main"))
+    keeper = Keeper(load_config(path), rng=random.Random(1))
+    await nursery.start(keeper.run)
+    await all_ready(keeper)
+    first = open_connection_of(sim, "main-id")
+    write(path, sim, entry("hedge"))
+    os.kill(os.getpid(), signal.SIGHUP)
+    await sim.wait_for(
+        lambda: not first.open and any(c.client_id == "hedge-id" for c in sim.connections)
+    )
+    await all_ready(keeper)
+    assert list(keeper.sessions) == ["hedge"]
+    assert log_lines.events("keeper.reloaded")[0]["removed"] == ["main"]
+    assert keeper.alive()
