@@ -337,7 +337,7 @@ async def test_a_wrong_secret_retries_slowly_and_logs_errors(
     lost = log_lines.events("session.lost")
     assert len(lost) >= 5
     assert {(e["level"], e["code"], e["severity"]) for e in lost} == {("error", code, "persistent")}
-    assert all(15.0 <= e["delay_s"] <= 30.0 for e in log_lines.events("session.retry"))
+    assert all(27.0 <= e["delay_s"] <= 30.0 for e in log_lines.events("session.retry"))
 
 
 async def test_rate_limit_waits_near_the_cap(
@@ -508,5 +508,102 @@ async def test_snapshot_and_observers_follow_the_lifecycle(
     assert again["reconnects"] == 1 and again["last_error"]["reason"] == "connection_dropped"
     assert ("session.ready", "ready") in seen and ("session.retry", "backoff") in seen
     assert ("session.test_request_answered", "ready") in seen
-    assert ("session.lost", "ready") in seen  # lost is emitted before the state moves on
+    assert ("session.lost", "lost") in seen and ("session.ready", "ready") in seen
     assert timed[:5] == SETUP and "public/test" in timed
+
+
+async def test_an_error_answer_to_public_test_keeps_the_link(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+) -> None:
+    """Deribit counts the public/test itself; an error reply is logged, the link stays up."""
+    session = start(nursery, sim)
+    await until_state(session, SessionState.READY)
+    sim.fail_next("public/test", ErrorCode.TEMPORARILY_UNAVAILABLE)
+    await trio.sleep(60)
+    assert len(sim.connections) == 1 and sim.connections[0].open
+    assert [e["code"] for e in log_lines.events("session.test_request_refused")] == [13028]
+    assert not log_lines.events("session.lost")
+
+
+async def test_a_rate_limit_on_public_test_ends_the_link(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+) -> None:
+    """10028 terminates the session on Deribit's side: the keeper backs off near the cap."""
+    session = start(nursery, sim)
+    await until_state(session, SessionState.READY)
+    sim.fail_next("public/test", ErrorCode.TOO_MANY_REQUESTS, close_after=True)
+    await sim.wait_for(lambda: not sim.connections[0].open)
+    await until_state(session, SessionState.BACKOFF)
+    (lost,) = log_lines.events("session.lost")
+    assert lost["severity"] == "rate_limited"
+
+
+async def test_a_rate_limit_on_refresh_backs_off_instead_of_reauthenticating(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, log_lines: LogLines
+) -> None:
+    """Only 13009 on a refresh earns a fresh auth; 10028 ends the link and waits near the cap."""
+    from .conftest import SIM_ACCOUNTS
+
+    sim = Simulator(list(SIM_ACCOUNTS), token_ttl_s=100)
+    await nursery.start(sim.serve, 0)
+    session = start(nursery, sim)
+    await until_state(session, SessionState.READY)
+    sim.fail_next("public/auth", ErrorCode.TOO_MANY_REQUESTS, close_after=True)
+    await until_state(session, SessionState.BACKOFF)
+    grants = [p["grant_type"] for m, p in sim.connections[0].requests if m == "public/auth"]
+    assert grants == ["client_signature", "refresh_token"]
+    assert not log_lines.events("session.token_refresh_refused")
+    (retry,) = log_lines.events("session.retry")
+    assert retry["delay_s"] >= 15.0
+
+
+async def test_a_refused_logout_is_an_error_because_cod_will_fire(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+) -> None:
+    """If Deribit refuses private/logout, the keeper says so at error level and still stops."""
+    sim.fail_next("private/logout", ErrorCode.TEMPORARILY_UNAVAILABLE)
+    session = start(nursery, sim, on_shutdown="logout")
+    await until_state(session, SessionState.READY)
+    session.stop()
+    await until_state(session, SessionState.STOPPED)
+    conn = sim.connections[0]
+    await sim.wait_for(lambda: not conn.open)
+    assert conn.cod_fired and not conn.logged_out
+    (failed,) = log_lines.events("session.logout_failed")
+    assert failed["level"] == "error" and "13028" in failed["detail"]
+
+
+async def test_not_ready_as_soon_as_a_stop_begins(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
+) -> None:
+    """While a logout is in flight the session already reports stopping, not ready."""
+    sim.delay_next("private/logout", 2)
+    session = start(nursery, sim, on_shutdown="logout")
+    await until_state(session, SessionState.READY)
+    assert session.ready
+    session.stop()
+    await until_state(session, SessionState.STOPPING)
+    assert not session.ready and session.snapshot()["ready"] is False
+    await until_state(session, SessionState.STOPPED)
+
+
+async def test_not_ready_the_moment_the_link_dies(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
+) -> None:
+    """Every observer call after the link broke sees ready False, before any backoff."""
+    session = start(nursery, sim)
+    await until_state(session, SessionState.READY)
+    readiness: list[tuple[str, bool]] = []
+    session.watch(lambda s, event, _f: readiness.append((event, s.ready)))
+    await sim.drop(sim.connections[0], abrupt=True)
+    await until_state(session, SessionState.BACKOFF)
+    assert readiness[:2] == [("session.lost", False), ("session.retry", False)]

@@ -127,7 +127,7 @@ async def test_stop_ends_every_session_per_on_shutdown(
 async def test_shutdown_meets_its_deadline_when_deribit_never_answers(
     autojump_clock: trio.testing.MockClock, sim: Simulator, log_lines: LogLines
 ) -> None:
-    """Logout to an exchange gone silent mid-handshake: the keeper still ends within 5 s."""
+    """Logout to an exchange gone silent: the keeper still ends within 5 s."""
     keeper = three_accounts(sim, on_shutdown="logout")
     async with trio.open_nursery() as nursery:
         await nursery.start(keeper.run)
@@ -190,3 +190,49 @@ async def test_no_secret_or_token_reaches_any_output(
             assert secret not in text
         for token in sim.issued_tokens:
             assert token not in text
+
+
+async def test_a_crashing_observer_is_contained(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+) -> None:
+    """An observer (metrics, status) that raises is logged; no session, own or other, ends."""
+    keeper = three_accounts(sim)
+    await nursery.start(keeper.run)
+    await all_ready(keeper)
+
+    def broken(_session: object, event: str, _fields: object) -> None:
+        if event == "session.lost":
+            raise KeyError("a metrics bug")
+
+    keeper.sessions["main"].watch(broken)
+    main = next(c for c in sim.connections if c.client_id == "main-id")
+    await sim.drop(main, abrupt=True)
+    await sim.wait_for(lambda: len(sim.connections) == 4)
+    await all_ready(keeper)
+    assert sum(c.open for c in sim.connections) == 3
+    assert log_lines.events("session.observer_failed", account="main")
+
+
+async def test_the_shutdown_deadline_cuts_a_hanging_logout(
+    autojump_clock: trio.testing.MockClock,
+    sim: Simulator,
+    log_lines: LogLines,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Even a logout willing to wait a minute is cut at the keeper's 4.5 s deadline."""
+    from deribit_keeper import session as session_module
+
+    monkeypatch.setattr(session_module, "LOGOUT_TIMEOUT_S", 60.0)
+    keeper = three_accounts(sim, on_shutdown="logout")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(keeper.run)
+        await all_ready(keeper)
+        for conn in sim.connections:
+            sim.go_silent(conn)
+        asked = trio.current_time()
+        keeper.stop()
+    assert trio.current_time() - asked == pytest.approx(SHUTDOWN_DEADLINE_S, abs=0.01)
+    assert log_lines.names()[-1] == "keeper.stopped"

@@ -9,9 +9,11 @@ The rules:
   jitter" delay, uniform in ``[0, min(max, initial * 2**attempt)]`` (AWS architecture blog,
   "Exponential Backoff And Jitter"): many keepers restarting together spread out instead of
   hammering Deribit in lockstep;
-* rate limiting (10028) and failures retrying will not cure soon (13004, 13021, 13009 on
-  ``public/auth``) wait near the cap, uniform in ``[max / 2, max]``: Deribit's credits need time to
-  refill, and an operator has to fix a wrong key, so retrying faster only adds noise.
+* rate limiting (10028) waits uniform in ``[max / 2, max]`` from the first time: Deribit's credits
+  need time to refill;
+* failures retrying will not cure soon (13004, 13021, 13009 on ``public/auth``) wait at the cap,
+  uniform in ``[0.9 * max, max]``: an operator has to fix a wrong key, so retrying faster only adds
+  noise, and the tenth of jitter keeps many accounts from retrying in lockstep.
 """
 
 from __future__ import annotations
@@ -88,4 +90,8 @@ class Backoff:
         """Seconds to wait before the next attempt."""
         if severity is Severity.TRANSIENT:
             return rng.uniform(0.0, self.ceiling())
-        return rng.uniform(self.max / 2, self.max)
+        if severity is Severity.RATE_LIMITED:
+            return rng.uniform(self.max / 2, self.max)
+        # Persistent: at the cap, with a tenth of jitter so many accounts sharing a broken key
+        # do not retry in lockstep.
+        return rng.uniform(self.max * 0.9, self.max)

@@ -28,5 +28,8 @@ SESSION_TOKEN_REFRESHED: Final = "session.token_refreshed"
 SESSION_TOKEN_REFRESH_REFUSED: Final = "session.token_refresh_refused"
 SESSION_TEST_REQUEST_ANSWERED: Final = "session.test_request_answered"
 SESSION_UNEXPECTED_ERROR: Final = "session.unexpected_error"
+SESSION_OBSERVER_FAILED: Final = "session.observer_failed"
+SESSION_LOGOUT_FAILED: Final = "session.logout_failed"
+SESSION_TEST_REQUEST_REFUSED: Final = "session.test_request_refused"
 
 DEMO_FAULT: Final = "demo.fault"

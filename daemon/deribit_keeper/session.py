@@ -27,6 +27,7 @@ from .backoff import STABLE_AFTER_S, Backoff, Severity, classify
 from .config import AccountConfig
 from .errors import CodNotConfirmed, DeadLink, RpcError, SessionLost
 from .logs import get_logger
+from .protocol import ErrorCode
 from .rpc import RpcConnection, open_rpc_connection
 
 Observer = Callable[["Session", str, Mapping[str, Any]], None]
@@ -67,6 +68,8 @@ class SessionState(Enum):
     AUTHENTICATING = "authenticating"
     ENABLING_COD = "enabling_cod"
     READY = "ready"
+    STOPPING = "stopping"  # ending on request: logout sent or about to be, COD may no longer hold
+    LOST = "lost"  # the link just ended; BACKOFF follows
     BACKOFF = "backoff"
 
 
@@ -76,6 +79,8 @@ _EVENT_OF: Final = {
     SessionState.AUTHENTICATING: events.SESSION_AUTHENTICATING,
     SessionState.ENABLING_COD: events.SESSION_ENABLING_COD,
     SessionState.READY: events.SESSION_READY,
+    SessionState.STOPPING: events.SESSION_STOPPING,
+    SessionState.LOST: events.SESSION_LOST,
     SessionState.BACKOFF: events.SESSION_RETRY,
 }
 _QUIET_STATES: Final = frozenset({SessionState.AUTHENTICATING, SessionState.ENABLING_COD})
@@ -106,6 +111,8 @@ async def confirm_cod(rpc: RpcConnection) -> None:
 
 class Session:
     """Keeps one account connected, authenticated and COD-protected until ``stop()``.
+
+    A Session runs once: after ``stop()`` a new one is built (a reload does exactly that).
 
     Read-only attributes (for status endpoints; reading them never touches the network):
         state, connected_since, cod_confirmed_at, reconnects, last_error, test_requests_answered.
@@ -153,13 +160,22 @@ class Session:
         """
         self._observers.append(observer)
 
+    @property
+    def ready(self) -> bool:
+        """True only while COD is confirmed on a live link that is not being ended.
+
+        The state alone lags a dying link by the few steps it takes to notice and tear it down;
+        ``rpc`` is cleared the moment the link's work is cancelled, so both are checked.
+        """
+        return self.state is SessionState.READY and self.rpc is not None
+
     def snapshot(self) -> dict[str, Any]:
         """What a status endpoint shows about this session, read without touching the network."""
         rpc = self.rpc
         silent = None if rpc is None else round(trio.current_time() - rpc.last_inbound, 3)
         return {
             "state": self.state.value,
-            "ready": self.state is SessionState.READY,
+            "ready": self.ready,
             "cod_scope": self.account.cancel_on_disconnect,
             "cod_confirmed_at": _iso(self.cod_confirmed_at),
             "connected_since": _iso(self.connected_since),
@@ -196,16 +212,23 @@ class Session:
             self._enter(SessionState.STOPPED)
             self.stopped.set()
 
-    def _enter(self, state: SessionState, level: int = logging.INFO, **fields: Any) -> None:
+    def _enter(self, state: SessionState, level: int = logging.INFO, /, **fields: Any) -> None:
         """The one place where the state changes: set it, then emit its event."""
         self.state = state
         self._emit(logging.DEBUG if state in _QUIET_STATES else level, _EVENT_OF[state], **fields)
 
-    def _emit(self, level: int, event: str, **fields: Any) -> None:
-        """Log one event and tell the observers."""
+    def _emit(self, level: int, event: str, /, **fields: Any) -> None:
+        """Log one event and tell the observers.
+
+        An observer's bug is logged and contained: it runs inside this account's error handling,
+        where an escaping exception would take every other account down with it.
+        """
         self._log.log(level, event, **fields)
         for observer in self._observers:
-            observer(self, event, fields)
+            try:
+                observer(self, event, fields)
+            except Exception:  # noqa: BLE001 (metrics or status must never end a session)
+                self._log.exception(events.SESSION_OBSERVER_FAILED, observed=event)
 
     async def _connect_and_serve(self) -> None:
         self._enter(SessionState.CONNECTING, url=self.account.url)
@@ -216,7 +239,7 @@ class Session:
                 request_timeout=self.account.request_timeout,
                 on_notification=self._on_notification,
                 ssl_context=self._ssl_context,
-                on_request=self._on_request,
+                on_request=self._request_timed,
             ) as rpc,
             trio.open_nursery() as tasks,
         ):
@@ -256,12 +279,36 @@ class Session:
             await self._stop_requested.wait()
         if watchdog.cancelled_caught:
             raise DeadLink(trio.current_time() - rpc.last_inbound)
-        self._emit(logging.INFO, events.SESSION_STOPPING, on_shutdown=self.account.on_shutdown)
+        self._enter(SessionState.STOPPING, on_shutdown=self.account.on_shutdown)
         if self.account.on_shutdown == "logout":
-            # Deribit answers a logout by closing the link, and COD does not fire for it.
-            await rpc.call_expecting_close(
+            await self._log_out(rpc)
+
+    async def _log_out(self, rpc: RpcConnection) -> None:
+        """Send ``private/logout``; Deribit answers by closing the link, and COD does not fire.
+
+        If Deribit answers with an error, or neither answers nor closes in time, the link is
+        closed anyway and COD *will* fire: the operator asked to keep the orders, so that is
+        logged as an error rather than passed over.
+        """
+        try:
+            closed = await rpc.call_expecting_close(
                 "private/logout", {"invalidate_token": True}, timeout=LOGOUT_TIMEOUT_S
             )
+        except SessionLost as refused:
+            self._emit(logging.ERROR, events.SESSION_LOGOUT_FAILED, detail=refused.detail)
+            return
+        if not closed:
+            detail = f"Deribit did not close the link within {LOGOUT_TIMEOUT_S:g}s"
+            self._emit(logging.ERROR, events.SESSION_LOGOUT_FAILED, detail=detail)
+
+    def _request_timed(self, method: str, seconds: float) -> None:
+        """Hand a request's duration to ``on_request``, containing its bugs as an observer's."""
+        if self._on_request is None:
+            return
+        try:
+            self._on_request(method, seconds)
+        except Exception:  # noqa: BLE001 (metrics must never end a session)
+            self._log.exception(events.SESSION_OBSERVER_FAILED, observed="request")
 
     def _on_notification(self, method: str, params: Any) -> None:
         """Answer a test_request at once; every other notification only proves the link alive."""
@@ -271,8 +318,16 @@ class Session:
             self._tasks.start_soon(self._answer_test_request, self.rpc)
 
     async def _answer_test_request(self, rpc: RpcConnection) -> None:
+        """Send ``public/test``. Deribit counts the request itself as the answer, so an error
+        reply still proves the link alive: it is logged, and only a rate limit ends the link."""
         asked = trio.current_time()
-        await rpc.call("public/test")
+        try:
+            await rpc.call("public/test")
+        except RpcError as refused:
+            if refused.code == ErrorCode.TOO_MANY_REQUESTS:
+                raise
+            self._emit(logging.WARNING, events.SESSION_TEST_REQUEST_REFUSED, code=refused.code)
+            return
         self.test_requests_answered += 1
         self._emit(
             logging.DEBUG,
@@ -283,7 +338,7 @@ class Session:
     async def _keep_token_fresh(self, rpc: RpcConnection, token: auth.Token) -> None:
         """Refresh the connection's auth before the token runs out, then re-confirm COD.
 
-        A refused refresh (an expired or revoked refresh token) falls back to a full
+        A refused refresh (13009: an expired or revoked refresh token) falls back to a full
         authentication on the same connection: reconnecting instead would fire COD and cancel
         the orders it protects, for nothing.
         """
@@ -293,6 +348,8 @@ class Session:
             try:
                 token = await auth.refresh(rpc, token)
             except RpcError as refused:
+                if refused.code != ErrorCode.UNAUTHORIZED:
+                    raise  # a rate limit or an outage: a fresh auth now would fare no better
                 self._emit(logging.WARNING, events.SESSION_TOKEN_REFRESH_REFUSED, code=refused.code)
                 token = await auth.authenticate(rpc, self.account, wall_clock=self._wall_clock)
                 grant = auth.GRANT_OF[self.account.auth]
@@ -308,6 +365,7 @@ class Session:
     async def _back_off(self, lost: SessionLost) -> None:
         """Log the loss, wait a jittered delay, and let ``run()`` try again."""
         now = trio.current_time()
+        lost_in = self.state
         uptime = 0.0 if self.ready_since is None else now - self.ready_since
         self.ready_since = None
         if uptime >= STABLE_AFTER_S:
@@ -315,12 +373,12 @@ class Session:
         severity = classify(lost)
         level = logging.ERROR if severity is Severity.PERSISTENT else logging.WARNING
         self.last_error = (lost.reason, self._wall_clock())
-        self._emit(
+        self._enter(
+            SessionState.LOST,
             level,
-            events.SESSION_LOST,
             reason=lost.reason,
             detail=lost.detail,
-            state=self.state.value,
+            state=lost_in.value,
             uptime_s=round(uptime, 3),
             severity=severity.value,
             **({"code": lost.code} if hasattr(lost, "code") else {}),

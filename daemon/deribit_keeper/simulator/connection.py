@@ -229,6 +229,8 @@ class ConnectionHandler:
             return
         try:
             if failure is not None:
+                if request.method == "public/test":
+                    self._dispatcher.note_test_answer(self._link, self.record)
                 raise RpcFault(failure.code)
             call = Call(
                 request.params,

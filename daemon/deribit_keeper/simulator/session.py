@@ -148,11 +148,16 @@ class Dispatcher:
         get_str(call.params, "client_version")
         return Reply({"version": API_VERSION})
 
+    @staticmethod
+    def note_test_answer(link: LinkState, conn: SimConnection) -> None:
+        """Any public/test answers an outstanding test_request, even one answered with an error:
+        Deribit's heartbeat rule is about the client sending it, not about what it got back."""
+        if link.test_outstanding:
+            link.test_outstanding = False
+            conn.test_requests_answered += 1
+
     def _test(self, call: Call) -> Reply:
-        # Any public/test answers an outstanding test_request, even one asking for an error.
-        if call.link.test_outstanding:
-            call.link.test_outstanding = False
-            call.conn.test_requests_answered += 1
+        self.note_test_answer(call.link, call.conn)
         if "expected_result" in call.params:
             get_choice(call.params, "expected_result", ("exception",))
             # (choice) the sheet names no code: 13028 temporarily_unavailable is a transient
