@@ -22,8 +22,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deribit_keeper.config import (
+    SECRET_FILE_READABLE,
     AccountConfig,
     BackoffConfig,
+    ConfigWarning,
+    HttpConfig,
     KeeperConfig,
     LogConfig,
     Secret,
@@ -163,6 +166,32 @@ ERROR_CASES = [
     (doc({**HEDGE, "client_secret_env": "${MAIN_SECRET}"}), "accounts[0].client_secret_env", "must be an environment variable name"),
     (doc({**HEDGE, "client_secret_env": "EMPTY"}), "accounts[0].client_secret_env", "the secret from env EMPTY is empty"),
     (doc({**HEDGE, "client_secret_env": None, "name": "h"}), "accounts[0].client_secret_env", "must be a string, got null"),
+    # http: one key; listen is HOST:PORT, [IPv6]:PORT, :PORT or a port (an integer or digits)
+    (doc(http={"listen": "127.0.0.1"}), "http.listen", "has no port: write HOST:PORT, [IPv6]:PORT or a port number, got '127.0.0.1'"),
+    (doc(http={"listen": "localhost"}), "http.listen", "has no port: write HOST:PORT, [IPv6]:PORT or a port number, got 'localhost'"),
+    (doc(http={"listen": "127.0.0.1:"}), "http.listen", "has no port: write HOST:PORT, [IPv6]:PORT or a port number, got '127.0.0.1:'"),
+    (doc(http={"listen": "[::1]"}), "http.listen", "has no port: write HOST:PORT, [IPv6]:PORT or a port number, got '[::1]'"),
+    (doc(http={"listen": ":"}), "http.listen", "has no port: write HOST:PORT, [IPv6]:PORT or a port number, got ':'"),
+    (doc(http={"listen": 65536}), "http.listen", "port must be from 0 to 65535, got 65536"),
+    (doc(http={"listen": -1}), "http.listen", "port must be from 0 to 65535, got -1"),
+    (doc(http={"listen": "127.0.0.1:65536"}), "http.listen", "port must be from 0 to 65535, got 65536"),
+    (doc(http={"listen": "127.0.0.1:http"}), "http.listen", "port must be a number from 0 to 65535, got 'http'"),
+    (doc(http={"listen": "127.0.0.1:-1"}), "http.listen", "port must be a number from 0 to 65535, got '-1'"),
+    (doc(http={"listen": "127.0.0.1:\u00b2"}), "http.listen", "port must be a number from 0 to 65535, got '\u00b2'"),
+    (doc(http={"listen": "::1:9464"}), "http.listen", "an IPv6 address goes in brackets, e.g. [::1]:9464"),
+    (doc(http={"listen": "[127.0.0.1]:9464"}), "http.listen", "[...] must hold an IPv6 address, got '127.0.0.1'"),
+    (doc(http={"listen": "[::1]9464"}), "http.listen", "must be [IPv6]:PORT, got '[::1]9464'"),
+    (doc(http={"listen": "keeper_1:9464"}), "http.listen", "host must be an IP address or a hostname, got 'keeper_1'"),
+    (doc(http={"listen": "999.0.0.1:9464"}), "http.listen", "host must be an IP address or a hostname, got '999.0.0.1'"),
+    (doc(http={"listen": "127.0.0.1 :9464"}), "http.listen", "must not contain whitespace"),
+    (doc(http={"listen": ""}), "http.listen", "must be HOST:PORT, [IPv6]:PORT or a port number, got an empty string"),
+    (doc(http={"listen": 9464.0}), "http.listen", "must be HOST:PORT, [IPv6]:PORT or a port number, got a number"),
+    (doc(http={"listen": True}), "http.listen", "must be HOST:PORT, [IPv6]:PORT or a port number, got a bool"),
+    (doc(http={"listen": None}), "http.listen", "must be HOST:PORT, [IPv6]:PORT or a port number, got null"),
+    (doc(http={"listen": ["127.0.0.1", 9464]}), "http.listen", "must be HOST:PORT, [IPv6]:PORT or a port number, got a list"),
+    (doc(http={"listen": 9464, "lisen": 9465}), "http.lisen", "unknown key (did you mean listen?)"),
+    (doc(http={"port": 9464}), "http.port", "unknown key"),
+    (doc(http="127.0.0.1:9464"), "http", "must be a mapping, got a string"),
     # document shape
     (doc(MAIN)[: doc(MAIN).index("accounts")], "accounts", "missing: list at least one account"),
     ("defaults: {environment: test}\naccounts: []\n", "accounts", "must list at least one account"),
@@ -490,6 +519,158 @@ def test_empty_secret_file_path_is_an_error() -> None:
     )
 
 
+def secret_file(directory: Path, mode: int, content: str = "file-SECRET-value") -> Path:
+    """A secret file with ``mode``, whatever the umask."""
+    path = directory / "f.secret"
+    path.write_text(content + "\n")
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o444, 0o664])
+def test_secret_file_readable_by_others_loads_with_a_warning(tmp_path: Path, mode: int) -> None:
+    """A secret file that group or others can read still loads, with a warning naming path and mode."""
+    path = secret_file(tmp_path, mode)
+    config = load_config(write_config(tmp_path, doc(MAIN, FILE_ACCOUNT)), environ=ENV)
+    assert config.accounts[1].client_secret.reveal() == "file-SECRET-value"
+    assert config.warnings == (
+        ConfigWarning(
+            event="config.secret_file_readable",
+            key_path="accounts[1].client_secret_file",
+            detail=f"{path} is mode {mode:04o}; chmod 600 it",
+        ),
+    )
+    assert SECRET_FILE_READABLE == "config.secret_file_readable"
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400, 0o700, 0o620, 0o602])
+def test_secret_file_private_to_its_owner_loads_without_warning(tmp_path: Path, mode: int) -> None:
+    """Mode 0600 or stricter (write bits aside) gives no warning; nor do env and inline secrets."""
+    secret_file(tmp_path, mode)
+    inline = {**MAIN, "name": "lit", "client_secret": "lit-SECRET"}
+    config = load_config(
+        write_config(tmp_path, doc(MAIN, HEDGE, inline, FILE_ACCOUNT)), environ=ENV
+    )
+    assert config.warnings == ()
+
+
+@pytest.mark.parametrize("how", ["relative", "absolute", "dotted"])
+def test_secret_file_under_credentials_directory_never_warns(tmp_path: Path, how: str) -> None:
+    """Files systemd hands over in $CREDENTIALS_DIRECTORY are exempt, however they are named."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    path = secret_file(creds, 0o644)
+    name = {"relative": "f.secret", "absolute": str(path), "dotted": "../creds/./f.secret"}[how]
+    account = {**FILE_ACCOUNT, "client_secret_file": name}
+    config = load_config(
+        write_config(tmp_path, doc(account)), environ={"CREDENTIALS_DIRECTORY": str(creds)}
+    )
+    assert config.accounts[0].client_secret.reveal() == "file-SECRET-value"
+    assert config.warnings == ()
+
+
+def test_secret_file_leaving_credentials_directory_is_checked(tmp_path: Path) -> None:
+    """A path that resolves outside $CREDENTIALS_DIRECTORY (here through ..) is checked as usual."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    secret_file(tmp_path, 0o644)
+    account = {**FILE_ACCOUNT, "client_secret_file": "../f.secret"}
+    config = load_config(
+        write_config(tmp_path, doc(account)), environ={"CREDENTIALS_DIRECTORY": str(creds)}
+    )
+    (warning,) = config.warnings
+    assert warning.detail == f"{creds / '../f.secret'} is mode 0644; chmod 600 it"
+
+
+def test_secret_file_warning_never_contains_the_secret(tmp_path: Path) -> None:
+    """The warning and everything that shows the config name the file, never its content."""
+    secret_file(tmp_path, 0o644, content="file-SECRET-value")
+    config = load_config(write_config(tmp_path, doc(FILE_ACCOUNT)), environ=ENV)
+    (warning,) = config.warnings
+    shown = repr(config) + str(config.warnings) + warning.detail + "\n".join(describe(config))
+    assert "file-SECRET-value" not in shown and "f.secret" in warning.detail
+
+
+def test_config_equality_ignores_warnings(tmp_path: Path) -> None:
+    """A chmod alone changes the warnings but not the config, so a reload sees no change."""
+    path = secret_file(tmp_path, 0o644)
+    config_path = write_config(tmp_path, doc(FILE_ACCOUNT))
+    loose = load_config(config_path, environ=ENV)
+    path.chmod(0o600)
+    tight = load_config(config_path, environ=ENV)
+    assert (len(loose.warnings), len(tight.warnings)) == (1, 0)
+    assert loose == tight and hash(loose) == hash(tight)
+
+
+# ---- http ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "port"),
+    [
+        ("127.0.0.1:9464", "127.0.0.1", 9464),
+        ("[::1]:9464", "::1", 9464),
+        ("0.0.0.0:9464", "0.0.0.0", 9464),
+        ("[::]:9464", "::", 9464),
+        ("localhost:9464", "localhost", 9464),
+        ("keeper.trading.svc.cluster.local:9464", "keeper.trading.svc.cluster.local", 9464),
+        ("10.1.2.3:80", "10.1.2.3", 80),
+        ("9464", "127.0.0.1", 9464),
+        (":9464", "127.0.0.1", 9464),
+        (9464, "127.0.0.1", 9464),
+        (0, "127.0.0.1", 0),
+        ("127.0.0.1:0", "127.0.0.1", 0),
+        ("127.0.0.1:65535", "127.0.0.1", 65535),
+    ],
+)
+def test_http_listen_accepts_each_documented_form(listen: object, host: str, port: int) -> None:
+    """HOST:PORT, [IPv6]:PORT, :PORT and a bare port (integer or digits; on loopback) all load."""
+    assert load(doc(http={"listen": listen})).http == HttpConfig(host=host, port=port)
+
+
+def test_no_http_section_means_no_endpoint() -> None:
+    """Without an http section, or with its lines all commented out, nothing listens."""
+    assert load(doc()).http is None
+    assert load("http:\n  # listen: 127.0.0.1:9464\n" + doc()).http is None
+
+
+@pytest.mark.parametrize(
+    ("http", "bind"),
+    [
+        (HttpConfig("127.0.0.1", 9464), "127.0.0.1:9464"),
+        (HttpConfig("::1", 9464), "[::1]:9464"),
+        (HttpConfig("localhost", 0), "localhost:0"),
+    ],
+)
+def test_http_bind_puts_ipv6_hosts_in_brackets(http: HttpConfig, bind: str) -> None:
+    """bind is HOST:PORT as hypercorn takes it, with an IPv6 host in brackets."""
+    assert http.bind == bind
+
+
+@pytest.mark.parametrize(
+    ("listen", "line"),
+    [
+        ("127.0.0.1:9464", "http: listen 127.0.0.1:9464 (loopback only)"),
+        ("9464", "http: listen 127.0.0.1:9464 (loopback only)"),
+        ("[::1]:9464", "http: listen [::1]:9464 (loopback only)"),
+        ("localhost:9464", "http: listen localhost:9464 (loopback only)"),
+        ("0.0.0.0:9464", "http: listen 0.0.0.0:9464 (every interface)"),
+        ("[::]:9464", "http: listen [::]:9464 (every interface)"),
+        ("10.1.2.3:9464", "http: listen 10.1.2.3:9464 (reachable from other hosts)"),
+    ],
+)
+def test_describe_shows_the_http_endpoint(listen: str, line: str) -> None:
+    """describe() shows where the endpoint listens and who can reach it, after the log line."""
+    assert describe(load(doc(http={"listen": listen})))[2] == line
+
+
+def test_keeper_config_still_builds_from_its_first_three_fields() -> None:
+    """http and warnings default to off and none, so older callers need not name them."""
+    config = KeeperConfig(source=Path("x.yaml"), log=LogConfig(), accounts=())
+    assert (config.http, config.warnings) == (None, ())
+    assert describe(config)[2] == "http: off"
+
+
 # ---- the file itself --------------------------------------------------------------------------
 
 
@@ -648,7 +829,12 @@ def test_describe_summarises_each_account() -> None:
     """describe() lists every account with endpoint, auth, COD scope, heartbeat and shutdown."""
     text = doc(MAIN, {**HEDGE, "auth": "credentials", "on_shutdown": "logout"})
     lines = describe(load(text))
-    assert lines[:3] == ["config: config.yaml", "log: level info, format json", "accounts: 2"]
+    assert lines[:4] == [
+        "config: config.yaml",
+        "log: level info, format json",
+        "http: off",
+        "accounts: 2",
+    ]
     hedge = lines[lines.index("account hedge:") :]
     assert hedge == [
         "account hedge:",
@@ -693,8 +879,28 @@ def test_example_yaml_documents_every_key() -> None:
     keys += ["heartbeat_interval:", "cancel_on_disconnect:", "on_shutdown:", "request_timeout:"]
     keys += ["backoff:", "initial:", "max:", "accounts:", "name:", "client_id:"]
     keys += ["client_secret:", "client_secret_file:", "client_secret_env:", "CREDENTIALS_DIRECTORY"]
+    keys += ["http:", "listen:", "0.0.0.0", "config.secret_file_readable"]
     assert [key for key in keys if key not in text] == []
     assert "# url: ws://127.0.0.1:8765/ws/api/v2" in text
+    assert "\n# http: {listen: 127.0.0.1:9464}\n" in text
+
+
+def test_example_yaml_commented_lines_load_when_uncommented(tmp_path: Path) -> None:
+    """Uncommenting the example's http line and spare account gives what the comments promise."""
+    text = (CONFIG_DIR / "example.yaml").read_text()
+    text = text.replace("\n# http: {listen", "\nhttp: {listen")
+    for line in ("- name: spare", "  client_id: Qw12Er34", "  client_secret_env: DERIBIT_"):
+        text = text.replace(f"  # {line}", f"  {line}")
+    (tmp_path / "hedge.secret").write_text("hedge-from-file\n")
+    environ = {"DERIBIT_MAIN_SECRET": "m", "DERIBIT_SPARE_SECRET": "spare-from-env"}
+    config = parse_config(text, source=tmp_path / "example.yaml", environ=environ)
+    assert config.http == HttpConfig(host="127.0.0.1", port=9464)
+    spare = config.accounts[2]
+    assert (spare.name, spare.client_secret.reveal(), spare.secret_source) == (
+        "spare",
+        "spare-from-env",
+        "env DERIBIT_SPARE_SECRET",
+    )
 
 
 def test_demo_yaml_loads() -> None:
@@ -741,6 +947,8 @@ _KNOWN_KEYS = [
     "client_secret",
     "client_secret_file",
     "client_secret_env",
+    "http",
+    "listen",
 ]
 _KEYS = st.sampled_from(_KNOWN_KEYS) | _JUNK_TEXT
 _JUNK = st.recursive(
@@ -768,6 +976,18 @@ def test_any_text_loads_or_raises_config_error(text: str) -> None:
         load(text)
     except ConfigError:
         pass
+
+
+@settings(deadline=None)
+@given(listen=_SCALARS | st.text(string.printable, max_size=24) | st.integers(-5, 70000))
+def test_any_listen_value_loads_or_names_http_listen(listen: object) -> None:
+    """Any http.listen value either gives a host and a port in range or an error naming it."""
+    try:
+        http = load(doc(http={"listen": listen})).http
+    except ConfigError as exc:
+        assert exc.key_path == "http.listen"
+    else:
+        assert http is not None and http.host and 0 <= http.port <= 65535
 
 
 @settings(deadline=None)

@@ -1,8 +1,10 @@
 """Checks for single config values, each raising ``ConfigError`` with the value's key path.
 
 Private to ``config.py``, which owns the structure (sections, defaults, accounts); this module knows
-only values: YAML text, mappings, strings, choices, seconds, URLs, ``${VAR}`` and secret files.
-An error about a value that might be a secret names its key, its type or its origin, never its text.
+only values: YAML text, mappings, strings, choices, seconds, URLs, listen addresses, ``${VAR}`` and
+secret files. An error about a value that might be a secret names its key, its type or its origin,
+never its text. What is allowed but unwise (a secret file others can read) becomes a
+``ConfigWarning`` on ``Checker.warnings`` instead of an error.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import ipaddress
 import math
 import os
 import re
+import stat
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeVar
 from urllib.parse import urlsplit
@@ -27,6 +31,13 @@ SECRET_KEYS: Final = ("client_secret", "client_secret_file", "client_secret_env"
 _ONE_OF: Final = ", ".join(SECRET_KEYS)
 _VAR_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _VAR_REF: Final = re.compile(r"\$\{([^}]*)\}")
+SECRET_FILE_READABLE: Final = "config.secret_file_readable"  # the event a ConfigWarning logs as
+LOOPBACK_HOST: Final = "127.0.0.1"  # where a bare http.listen port listens: loopback by default
+PORT_MAX: Final = 65535
+_OTHERS_READ: Final = stat.S_IRGRP | stat.S_IROTH  # 0o044
+_DIGITS: Final = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also takes "²" and "٣"
+_HOST_LABEL: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")  # RFC 1123, no underscores
+_LISTEN_FORMS: Final = "HOST:PORT, [IPv6]:PORT or a port number"
 # PyYAML quotes tokens in its problems ("found undefined alias 'x'"); a token could be a secret.
 # Keep token kinds ('<scalar>') and single characters ('\t'); drop anything else quoted.
 _QUOTED: Final = re.compile(r"'(?!<[\w ]+>'|\\?.')[^']*'")
@@ -39,6 +50,18 @@ class Raw(NamedTuple):
 
     value: object
     path: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigWarning:
+    """A config that loads but should be fixed; the keeper logs it as ``event`` on every load.
+
+    ``detail`` names paths and modes, never a secret.
+    """
+
+    event: str
+    key_path: str
+    detail: str
 
 
 class _DuplicateKey(Exception):
@@ -82,6 +105,32 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _is_hostname(host: str) -> bool:
+    """An RFC 1123 hostname; an all-digit last label (``999.1.1.1``) is a bad IPv4, not a name."""
+    labels = host.removesuffix(".").split(".")
+    fits = len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+    return fits and not _DIGITS.fullmatch(labels[-1])
+
+
+def _is_ip(host: str, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> bool:
+    try:
+        kind(host)
+    except ValueError:
+        return False
+    return True
+
+
+def reach(host: str) -> str:
+    """Who can connect to a listener on ``host``, in words, for ``deribit-keeper check``."""
+    if _is_loopback(host):
+        return "loopback only"
+    try:
+        unspecified = ipaddress.ip_address(host.partition("%")[0]).is_unspecified
+    except ValueError:
+        unspecified = False
+    return "every interface" if unspecified else "reachable from other hosts"
+
+
 class Checker:
     """Value checks for one document; ``display`` is the file name every error starts with."""
 
@@ -89,6 +138,7 @@ class Checker:
         self.display = display
         self.source = source
         self.environ = os.environ if environ is None else environ
+        self.warnings: list[ConfigWarning] = []
 
     def error(self, path: str, problem: str) -> ConfigError:
         return ConfigError(self.display, path, problem)
@@ -191,6 +241,73 @@ class Checker:
             raise self.error(raw.path, f"ws:// is only allowed to {loopback}; use wss://")
         return text
 
+    def ordered(
+        self, low: tuple[Raw | None, float, str], high: tuple[Raw | None, float, str]
+    ) -> None:
+        """Require ``low <= high`` for two merged values, each ``(raw or None, value, name)``.
+
+        The error blames the key set closer to the account (``accounts[i]``, not ``defaults``);
+        on a tie, the upper one. A value left at its built-in default (no raw) is never blamed.
+        """
+        (low_raw, low_value, low_name), (high_raw, high_value, high_name) = low, high
+        if low_value <= high_value:
+            return
+        own = [raw is not None and raw.path.startswith("accounts") for raw in (low_raw, high_raw)]
+        if low_raw and (not high_raw or (own[0] and not own[1])):
+            problem = f"must be <= {high_name} ({num(high_value)}), got {num(low_value)}"
+            raise self.error(low_raw.path, problem)
+        if high_raw:  # with neither key set the built-in defaults are in order
+            problem = f"must be >= {low_name} ({num(low_value)}), got {num(high_value)}"
+            raise self.error(high_raw.path, problem)
+
+    def listen(self, raw: Raw) -> tuple[str, int]:
+        """``(host, port)`` from ``HOST:PORT``, ``[IPv6]:PORT``, ``:PORT`` or a bare port.
+
+        A bare port, written as an integer or as digits, and ``:PORT`` listen on 127.0.0.1, so
+        nothing is exposed unless a host is written out. The host is returned without brackets.
+        Port 0 picks any free port. A hostname is checked for shape only: nothing is resolved.
+        """
+        value = raw.value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return LOOPBACK_HOST, self.port(raw, value)
+        if not isinstance(value, str) or not value:
+            got = "an empty string" if value == "" else type_name(value)
+            raise self.error(raw.path, f"must be {_LISTEN_FORMS}, got {got}")
+        if any(c.isspace() for c in value):
+            raise self.error(raw.path, "must not contain whitespace")
+        if _DIGITS.fullmatch(value):
+            return LOOPBACK_HOST, self.port(raw, value)
+        if value.startswith("["):
+            host, _, port = value[1:].partition("]")
+            if port and not port.startswith(":"):
+                raise self.error(raw.path, f"must be [IPv6]:PORT, got {value!r}")
+            if not _is_ip(host, ipaddress.IPv6Address):
+                raise self.error(raw.path, f"[...] must hold an IPv6 address, got {host!r}")
+            port = port[1:]
+        else:
+            host, colon, port = value.rpartition(":")
+            if not colon:  # "localhost", "127.0.0.1": a bare host, and ports are never implied
+                port = ""
+            elif ":" in host:
+                raise self.error(raw.path, "an IPv6 address goes in brackets, e.g. [::1]:9464")
+            if host and not (_is_hostname(host) or _is_ip(host, ipaddress.IPv4Address)):
+                problem = f"host must be an IP address or a hostname, got {host!r}"
+                raise self.error(raw.path, problem)
+        if not port:
+            raise self.error(raw.path, f"has no port: write {_LISTEN_FORMS}, got {value!r}")
+        return host or LOOPBACK_HOST, self.port(raw, port)
+
+    def port(self, raw: Raw, value: int | str) -> int:
+        """A TCP port, 0 to 65535, from an integer or from ASCII digits."""
+        if isinstance(value, str):
+            if not _DIGITS.fullmatch(value):
+                problem = f"port must be a number from 0 to {PORT_MAX}, got {value!r}"
+                raise self.error(raw.path, problem)
+            value = int(value)
+        if not 0 <= value <= PORT_MAX:
+            raise self.error(raw.path, f"port must be from 0 to {PORT_MAX}, got {value}")
+        return value
+
     def expand(self, raw: Raw) -> tuple[str, list[str]]:
         """The string with each ``${VAR}`` replaced from the environment, and the names used."""
         text = self.string(raw)
@@ -252,13 +369,38 @@ class Checker:
         return (Path(credentials) if credentials else self.source.parent) / text
 
     def read_secret(self, raw: Raw, path: Path) -> str:
-        """The file's text without one trailing newline; errors never quote the content."""
+        """The file's text without one trailing newline; errors never quote the content.
+
+        The mode checked for ``config.secret_file_readable`` is that of the file actually read
+        (``fstat`` on the open file), not of whatever the path names a moment later.
+        """
         try:
-            text = path.read_bytes().decode("utf-8")
+            with path.open("rb") as file:
+                mode = os.fstat(file.fileno()).st_mode
+                text = file.read().decode("utf-8")
         except OSError as exc:
             problem = f"cannot read {path}: {exc.strerror or type(exc).__name__}"
         except UnicodeDecodeError:  # it holds the bytes: raise outside, unchained
             problem = f"{path} is not UTF-8 text"
         else:
+            self.check_mode(raw, path, mode)
             return text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
         raise self.error(raw.path, problem)
+
+    def check_mode(self, raw: Raw, path: Path, mode: int) -> None:
+        """Warn when group or others may read a secret file outside ``$CREDENTIALS_DIRECTORY``.
+
+        Files under it are exempt: systemd makes that directory private to the service, whatever
+        the modes inside. Anywhere else the file is still used, so a deploy that shipped 0644 keeps
+        working, but the warning is logged on every load until someone runs chmod.
+        """
+        credentials = self.environ.get(CREDENTIALS_DIR_VAR)
+        if credentials:
+            try:
+                if path.resolve().is_relative_to(Path(credentials).resolve()):
+                    return
+            except (OSError, RuntimeError):  # a symlink loop: cannot tell, so check the mode
+                pass
+        if mode & _OTHERS_READ:
+            detail = f"{path} is mode {stat.S_IMODE(mode):04o}; chmod 600 it"
+            self.warnings.append(ConfigWarning(SECRET_FILE_READABLE, raw.path, detail))

@@ -15,6 +15,9 @@ Why it looks like this:
 * **Secrets are a type.** ``Secret`` never shows its value; errors about a secret name its key, its
   type or where it came from, never its text, and YAML syntax errors drop quoted fragments because
   PyYAML would quote the offending line.
+* **Warnings ride along.** What loads but is unwise (a secret file that group or others can read,
+  outside ``$CREDENTIALS_DIRECTORY``) is a ``ConfigWarning`` in ``KeeperConfig.warnings``; nothing
+  here logs, the caller does, at startup and on every reload.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, NamedTuple, NoReturn, SupportsIndex, get_args
 
-from ._config_validate import SECRET_KEYS, Checker, Raw, num, type_name
+from ._config_validate import SECRET_FILE_READABLE as SECRET_FILE_READABLE
+from ._config_validate import SECRET_KEYS, Checker, Raw, reach, type_name
+from ._config_validate import ConfigWarning as ConfigWarning
 from .errors import ConfigError
 from .protocol import ENVIRONMENT_URLS, HEARTBEAT_MIN_S
 
@@ -139,12 +144,34 @@ class AccountConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """Where the health, status and metrics endpoint listens; port 0 picks any free port.
+
+    ``host`` is bare (``::1``, not ``[::1]``), as ``socket.bind`` takes it; ``bind`` is the
+    ``HOST:PORT`` form, brackets included, as hypercorn's ``Config.bind`` takes it.
+    """
+
+    host: str
+    port: int
+
+    @property
+    def bind(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
 class KeeperConfig:
-    """The whole configuration; ``source`` is the file it came from, read again on reload."""
+    """The whole configuration; ``source`` is the file it came from, read again on reload.
+
+    ``http`` is None without an ``http`` section: no endpoint is served. ``warnings`` are for the
+    caller to log; they take no part in equality, so a chmod alone does not count as a change.
+    """
 
     source: Path
     log: LogConfig
     accounts: tuple[AccountConfig, ...]
+    http: HttpConfig | None = None
+    warnings: tuple[ConfigWarning, ...] = field(default=(), compare=False)
 
 
 def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
@@ -201,6 +228,7 @@ def describe(config: KeeperConfig) -> list[str]:
     lines = [
         f"config: {config.source}",
         f"log: level {config.log.level}, format {config.log.format}",
+        f"http: listen {http.bind} ({reach(http.host)})" if (http := config.http) else "http: off",
         f"accounts: {len(config.accounts)}",
     ]
     for a in config.accounts:
@@ -221,8 +249,9 @@ def describe(config: KeeperConfig) -> list[str]:
 
 # ---- the loader ------------------------------------------------------------------------------
 
-_TOP_KEYS: Final = ("log", "defaults", "accounts")
+_TOP_KEYS: Final = ("log", "http", "defaults", "accounts")
 _LOG_KEYS: Final = ("level", "format")
+_HTTP_KEYS: Final = ("listen",)
 _BACKOFF_KEYS: Final = ("initial", "max")
 _IDENTITY_KEYS: Final = ("name", "client_id", *SECRET_KEYS)
 _SHARED_KEYS: Final = (
@@ -235,10 +264,6 @@ _NAME: Final = re.compile(r"[A-Za-z0-9_.-]+")
 _LOG: Final = LogConfig()
 _BACKOFF: Final = BackoffConfig()
 _DEFAULTS: Final[dict[str, Any]] = {f.name: f.default for f in dataclasses.fields(AccountConfig)}
-
-
-def _is_own(raw: Raw) -> bool:
-    return raw.path.startswith("accounts")
 
 
 class _Settings(NamedTuple):
@@ -263,6 +288,7 @@ class _Loader(Checker):
             raise self.error("", "the file is empty; expected a mapping with an accounts list")
         top = self.mapping(Raw(document, ""), _TOP_KEYS)
         log = self.mapping(top.get("log", Raw(None, "log")), _LOG_KEYS, null_ok=True)
+        http = self.mapping(top.get("http", Raw(None, "http")), _HTTP_KEYS, null_ok=True)
         defaults = self.defaults(top.get("defaults", Raw(None, "defaults")))
         if "accounts" not in top:
             raise self.error("accounts", "missing: list at least one account")
@@ -285,6 +311,9 @@ class _Loader(Checker):
                 format=self.choice(log.get("format"), get_args(LogFormat), _LOG.format),
             ),
             accounts=tuple(accounts),
+            # No section, or one with every line commented out: no endpoint, as for log above.
+            http=HttpConfig(*self.listen(http["listen"])) if "listen" in http else None,
+            warnings=tuple(self.warnings),
         )
 
     def defaults(self, raw: Raw) -> dict[str, Raw]:
@@ -372,12 +401,6 @@ class _Loader(Checker):
         first, cap = fields.get("backoff.initial"), fields.get("backoff.max")
         initial = self.seconds(first, _BACKOFF.initial, 0, BACKOFF_MAX_S)
         most = self.seconds(cap, _BACKOFF.max, 0, BACKOFF_MAX_S)
-        if merged and most < initial:
-            # Blame the key set closer to the account (accounts[i], not defaults); on a tie, max.
-            if first and (not cap or (_is_own(first) and not _is_own(cap))):
-                problem = f"must be <= backoff.max ({num(most)}), got {num(initial)}"
-                raise self.error(first.path, problem)
-            if cap:  # with neither key set the built-in 0.5 and 30 are in order
-                problem = f"must be >= backoff.initial ({num(initial)}), got {num(most)}"
-                raise self.error(cap.path, problem)
+        if merged:
+            self.ordered((first, initial, "backoff.initial"), (cap, most, "backoff.max"))
         return BackoffConfig(initial=initial, max=most)
