@@ -165,3 +165,47 @@ def test_an_unexpected_crash_is_logged_and_exits_1(
     (crashed,) = log_lines.events()
     assert crashed["event"] == "keeper.crashed" and crashed["level"] == "error"
     assert "RuntimeError: a bug" in crashed["exception"]
+
+
+@pytest.mark.parametrize("shard", ["3/3", "x", "1/0"])
+def test_a_bad_shard_exits_78(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    shard: str,
+) -> None:
+    """--shard must be INDEX/COUNT with INDEX below COUNT; anything else is a config error."""
+    monkeypatch.setenv("MAIN_SECRET", "x")
+    path = write_config(tmp_path, "ws://127.0.0.1:1/ws/api/v2")
+    assert main(["run", "--config", str(path), "--shard", shard]) == EX_CONFIG
+    assert "shard" in capsys.readouterr().err
+
+
+def test_a_bad_shard_variable_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad $DERIBIT_KEEPER_SHARD names the variable, since the operator may not have set it."""
+    monkeypatch.setenv("MAIN_SECRET", "x")
+    monkeypatch.setenv("DERIBIT_KEEPER_SHARD", "2/2")
+    path = write_config(tmp_path, "ws://127.0.0.1:1/ws/api/v2")
+    assert main(["run", "--config", str(path)]) == EX_CONFIG
+    assert "DERIBIT_KEEPER_SHARD" in capsys.readouterr().err
+
+
+def test_probe_of_nothing_listening_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    """deribit-keeper probe URL exits 1 with one line when nothing answers."""
+    assert main(["probe", "http://127.0.0.1:1/healthz", "--timeout", "0.5"]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_check_prints_config_warnings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check shows a group/world-readable secret file as a warning, and still passes."""
+    monkeypatch.setenv("MAIN_SECRET", "x")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    path = write_config(tmp_path, "ws://127.0.0.1:1/ws/api/v2")
+    (tmp_path / "hedge.secret").chmod(0o644)
+    assert main(["check", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: accounts[1].client_secret_file" in out and "0644" in out

@@ -236,3 +236,45 @@ async def test_the_shutdown_deadline_cuts_a_hanging_logout(
         keeper.stop()
     assert trio.current_time() - asked == pytest.approx(SHUTDOWN_DEADLINE_S, abs=0.01)
     assert log_lines.names()[-1] == "keeper.stopped"
+
+
+async def test_a_shard_keeps_only_its_accounts_and_may_hold_none(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
+) -> None:
+    """Across COUNT shards every account runs exactly once; an empty shard idles until stopped."""
+    from deribit_keeper.shard import Shard
+
+    config = keeper_config(*(account_config(sim, n) for n in ("main", "hedge", "third")))
+    keepers = [Keeper(config, rng=random.Random(i), shard=Shard(i, 5)) for i in range(5)]
+    for keeper in keepers:
+        await nursery.start(keeper.run)
+    for keeper in keepers:
+        await all_ready(keeper)
+    held = sorted(name for keeper in keepers for name in keeper.sessions)
+    assert held == ["hedge", "main", "third"]
+    assert len(sim.connections) == 3
+    idle = next(k for k in keepers if not k.sessions)
+    await trio.sleep(60)
+    assert idle.alive()
+    for keeper in keepers:
+        keeper.stop()
+
+
+async def test_config_warnings_are_logged_at_start(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+) -> None:
+    """A warning the config carries (a readable secret file) is logged once the keeper starts."""
+    import dataclasses
+
+    from deribit_keeper.config import ConfigWarning
+
+    warning = ConfigWarning("config.secret_file_readable", "accounts[0].client_secret_file", "x")
+    config = dataclasses.replace(keeper_config(account_config(sim)), warnings=(warning,))
+    keeper = Keeper(config, rng=random.Random(1))
+    await nursery.start(keeper.run)
+    (logged,) = log_lines.events("config.secret_file_readable")
+    assert logged["level"] == "warning" and logged["key_path"] == "accounts[0].client_secret_file"
+    keeper.stop()

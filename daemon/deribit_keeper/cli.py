@@ -1,4 +1,4 @@
-"""The ``deribit-keeper`` command: run | check | simulate | demo.
+"""The ``deribit-keeper`` command: run | check | simulate | demo | probe.
 
 Exit codes follow sysexits: 0 after a clean stop, 78 (EX_CONFIG) for any configuration problem,
 reported as one line naming the file, the key path and what is wrong; 1 for anything unexpected.
@@ -43,6 +43,16 @@ def _parser() -> argparse.ArgumentParser:
             "/etc/deribit-keeper/config.yaml)",
         )
 
+    run.add_argument(
+        "--shard",
+        metavar="INDEX/COUNT",
+        help="keep only this shard's accounts (default: $DERIBIT_KEEPER_SHARD, else all)",
+    )
+
+    probe = commands.add_parser("probe", help="exit 0 if URL answers 2xx (container health check)")
+    probe.add_argument("url", help="e.g. http://127.0.0.1:9464/healthz")
+    probe.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+
     simulate = commands.add_parser("simulate", help="serve a local Deribit simulator")
     simulate.add_argument("--port", type=int, required=True, help="TCP port (0: any free port)")
     simulate.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
@@ -66,7 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return _check(args.config)
         if args.command == "run":
-            return _run(args.config)
+            return _run(args.config, args.shard)
+        if args.command == "probe":
+            from .probe import probe
+
+            return probe(args.url, timeout=args.timeout)
         if args.command == "simulate":
             return _simulate(args.host, args.port, args.accounts, args.token_ttl)
         return _demo(args.config, args.fault_every)
@@ -85,16 +99,23 @@ def _check(path: Path | None) -> int:
     config = load_config(_config_path(path))
     for line in describe(config):
         print(line)
+    for warning in config.warnings:
+        print(f"warning: {warning.key_path}: {warning.detail}")
     print("config ok")
     return EX_OK
 
 
-def _run(path: Path | None) -> int:
+def _run(path: Path | None, shard_arg: str | None) -> int:
+    from .shard import configured_shard
     from .supervisor import Keeper
 
     config = load_config(_config_path(path))
+    try:
+        shard = configured_shard(shard_arg, os.environ)
+    except ValueError as error:
+        raise ConfigError("shard", "", str(error)) from None
     logs.configure(config.log)
-    return _run_logged(lambda: trio.run(Keeper(config).run))
+    return _run_logged(lambda: trio.run(Keeper(config, shard=shard).run))
 
 
 def _simulate(host: str, port: int, accounts_file: Path, token_ttl: float) -> int:

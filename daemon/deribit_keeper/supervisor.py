@@ -12,6 +12,7 @@ nothing one account meets can cancel another. The Keeper does only what concerns
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import signal
 import ssl
@@ -27,15 +28,13 @@ from .config import AccountConfig, KeeperConfig, load_config
 from .errors import ConfigError
 from .logs import get_logger
 from .session import Session, SessionState
+from .shard import Shard, select
 
 # systemd's and Kubernetes' patience is usually longer; 5 s is the promise made in the README.
 # Half a second is kept back for closing sockets and the last log lines.
 SHUTDOWN_DEADLINE_S: Final = 4.5
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 RELOAD_SIGNAL: Final = signal.SIGHUP
-
-# Narrows a freshly loaded config before it is used (the shard choice): identity by default.
-AccountFilter = Callable[[KeeperConfig], KeeperConfig]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +56,10 @@ class Keeper:
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
         ssl_context: ssl.SSLContext | None = None,
-        account_filter: AccountFilter | None = None,
+        shard: Shard | None = None,
     ) -> None:
-        self._filter = account_filter
-        self.config = self._filter(config) if self._filter else config
+        self.shard = shard
+        self.config = self._narrow(config)
         self.sessions: dict[str, Session] = {}
         self._rng = rng if rng is not None else random.Random()
         self._wall_clock = wall_clock
@@ -94,8 +93,12 @@ class Keeper:
             if handle_signals:
                 await outer.start(self._handle_signals)
             self._log.info(
-                events.KEEPER_STARTED, version=__version__, accounts=len(self.config.accounts)
+                events.KEEPER_STARTED,
+                version=__version__,
+                accounts=len(self.config.accounts),
+                shard=None if self.shard is None else str(self.shard),
             )
+            self._log_warnings(self.config)
             async with trio.open_nursery() as sessions:
                 self._sessions_nursery = sessions
                 self._running = True
@@ -131,8 +134,8 @@ class Keeper:
         connection. A changed account's new session starts only once the old one has ended, so
         the two never hold connections for the same key at once.
         """
-        if self._filter is not None:
-            config = self._filter(config)
+        self._log_warnings(config)
+        config = self._narrow(config)
         old = {a.name: a for a in self.config.accounts}
         new = {a.name: a for a in config.accounts}
         result = ReloadResult(
@@ -166,6 +169,16 @@ class Keeper:
             changed=list(result.changed),
         )
         return result
+
+    def _narrow(self, config: KeeperConfig) -> KeeperConfig:
+        """The part of ``config`` this keeper's shard holds (all of it without a shard)."""
+        if self.shard is None:
+            return config
+        return dataclasses.replace(config, accounts=select(config.accounts, self.shard))
+
+    def _log_warnings(self, config: KeeperConfig) -> None:
+        for warning in config.warnings:
+            self._log.warning(warning.event, key_path=warning.key_path, detail=warning.detail)
 
     def _launch(self, account: AccountConfig) -> None:
         assert self._sessions_nursery is not None
