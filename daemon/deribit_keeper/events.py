@@ -32,4 +32,7 @@ SESSION_OBSERVER_FAILED: Final = "session.observer_failed"
 SESSION_LOGOUT_FAILED: Final = "session.logout_failed"
 SESSION_TEST_REQUEST_REFUSED: Final = "session.test_request_refused"
 
+SYSTEMD_NOTIFY_FAILED: Final = "systemd.notify_failed"
+HTTP_REQUEST: Final = "http.request"
+
 DEMO_FAULT: Final = "demo.fault"
