@@ -15,6 +15,7 @@ KEEPER_STOPPED: Final = "keeper.stopped"
 KEEPER_CRASHED: Final = "keeper.crashed"
 KEEPER_RELOADED: Final = "keeper.reloaded"
 KEEPER_RELOAD_FAILED: Final = "keeper.reload_failed"
+KEEPER_HTTP_FAILED: Final = "keeper.http_failed"
 
 SESSION_CONNECTING: Final = "session.connecting"
 SESSION_AUTHENTICATING: Final = "session.authenticating"
@@ -33,6 +34,8 @@ SESSION_LOGOUT_FAILED: Final = "session.logout_failed"
 SESSION_TEST_REQUEST_REFUSED: Final = "session.test_request_refused"
 
 SYSTEMD_NOTIFY_FAILED: Final = "systemd.notify_failed"
+HTTP_LISTENING: Final = "http.listening"
 HTTP_REQUEST: Final = "http.request"
+HTTP_SERVER: Final = "http.server"  # hypercorn's own messages: startup lines, app errors
 
 DEMO_FAULT: Final = "demo.fault"

@@ -1,0 +1,229 @@
+"""Prometheus metrics, kept current by the sessions' own events rather than by polling.
+
+Every series changes where its fact changes: a session tells ``KeeperMetrics`` about each event
+it logs (``Session.watch``), and each event updates a few numbers in memory. A scrape only
+renders them. The one value computed at scrape time is how long each link has been silent, as
+it grows with every passing second without any event to report it.
+
+Each ``KeeperMetrics`` owns its ``CollectorRegistry``, so several keepers (or tests) in one
+process never see each other's series, and nothing lands in prometheus_client's global registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, Final
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__, events
+from .session import Session, SessionState
+
+# One JSON-RPC round trip: about a millisecond to a nearby exchange, hundreds across an ocean,
+# and request_timeout (5 s by default) ends the slowest. Buckets cover ~1 ms to 10 s.
+REQUEST_BUCKETS_S: Final = (
+    *(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+    *(1.0, 2.5, 5.0, 10.0),
+)
+# Setup is connect + TLS + WebSocket handshake, then five to seven requests (hello, auth, COD
+# enable and confirm, once more for scope account, heartbeat): it starts ten times higher.
+SETUP_BUCKETS_S: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+SILENCE_NAME: Final = "deribit_keeper_inbound_silence_seconds"
+SILENCE_HELP: Final = (
+    "Seconds since the last frame arrived on the account's link, measured at scrape time; "
+    "absent while there is no link"
+)
+UNKNOWN_REASON: Final = "unknown"
+
+
+class _SilenceCollector(Collector):
+    """Seconds since each open link last heard from Deribit, read when Prometheus scrapes."""
+
+    def __init__(self, sessions: Mapping[str, Session]) -> None:
+        self._sessions = sessions
+
+    def describe(self) -> Iterator[Metric]:
+        # Naming the family up front lets the registry refuse a duplicate at registration,
+        # without calling collect() (which needs a running Trio loop).
+        yield GaugeMetricFamily(SILENCE_NAME, SILENCE_HELP, labels=["account"])
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(SILENCE_NAME, SILENCE_HELP, labels=["account"])
+        links = [(name, s.rpc) for name, s in self._sessions.items() if s.rpc is not None]
+        if links:
+            now = trio.current_time()
+            for name, rpc in links:
+                family.add_metric([name], max(0.0, now - rpc.last_inbound))
+        yield family
+
+
+class _WithoutCreated(Collector):
+    """The registry minus prometheus_client's ``*_created`` series.
+
+    In the Prometheus text format each counter and histogram would carry a second gauge family
+    holding its creation time: twice the series for nothing an alert or a rate() needs.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():  # fresh Metric objects on every call
+            created = metric.name + "_created"
+            metric.samples = [s for s in metric.samples if s.name != created]
+            yield metric
+
+
+class KeeperMetrics:
+    """The keeper's Prometheus series, fed by session events and by every answered request.
+
+    Args:
+        registry: where the series live; a fresh ``CollectorRegistry`` by default. Sharing one
+            between two ``KeeperMetrics`` fails with prometheus_client's duplicate-name error.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._sessions: dict[str, Session] = {}
+        self._shown: dict[str, SessionState] = {}  # the state each account's gauges show
+        self._lost_reason: dict[str, str] = {}  # from session.lost until its session.retry
+        self._reasons: dict[str, set[str]] = {}  # reconnect reasons seen, for forget()
+        r = self.registry
+        self._ready = Gauge(
+            "deribit_keeper_session_ready",
+            "1 while the account is ready: authenticated, COD confirmed, heartbeat set",
+            ["account"],
+            registry=r,
+        )
+        self._state = Gauge(
+            "deribit_keeper_session_state",
+            "1 for the state the account's session is in, 0 for the others",
+            ["account", "state"],
+            registry=r,
+        )
+        self._cod = Gauge(
+            "deribit_keeper_cod_enabled",
+            "1 while Cancel-On-Disconnect is confirmed on the account's live link",
+            ["account", "scope"],
+            registry=r,
+        )
+        self._reconnects = Counter(
+            "deribit_keeper_reconnects",
+            "Links lost and retried, by the reason the link was lost",
+            ["account", "reason"],
+            registry=r,
+        )
+        self._test_requests = Counter(
+            "deribit_keeper_test_requests_answered",
+            "Heartbeat test_requests answered with public/test",
+            ["account"],
+            registry=r,
+        )
+        self._refreshes = Counter(
+            "deribit_keeper_token_refreshes",
+            "Access tokens renewed on a live link (refresh_token, or a fresh auth if refused)",
+            ["account"],
+            registry=r,
+        )
+        self._requests = Histogram(
+            "deribit_keeper_request_duration_seconds",
+            "Time from sending a JSON-RPC request to its answer, by method",
+            ["method"],
+            buckets=REQUEST_BUCKETS_S,
+            registry=r,
+        )
+        self._setup = Histogram(
+            "deribit_keeper_session_setup_duration_seconds",
+            "Time from starting to connect to ready (COD confirmed, heartbeat set)",
+            buckets=SETUP_BUCKETS_S,
+            registry=r,
+        )
+        Info("deribit_keeper_build", "The running keeper's version", registry=r).info(
+            {"version": __version__}
+        )
+        r.register(_SilenceCollector(self._sessions))
+        # process_* (CPU, memory, open fds): what an operator expects of any exporter. Read from
+        # /proc at scrape time, about the process only; nothing about the sessions.
+        ProcessCollector(registry=r)
+        self._exposed = _WithoutCreated(r)
+
+    def track(self, session: Session) -> None:
+        """Show ``session``'s series from now on, and keep them current from its events.
+
+        A session tracked again is ignored. A new Session under a tracked name (an account a
+        reload changed) replaces the old one, whose series start again as after a restart.
+        """
+        name = session.account.name
+        if self._sessions.get(name) is session:
+            return
+        self.forget(name)
+        self._sessions[name] = session
+        self._reasons[name] = set()
+        self._test_requests.labels(name)  # counters show 0 before their first event
+        self._refreshes.labels(name)
+        self._show_state(session)
+        session.watch(self._observe)
+
+    def forget(self, account: str) -> None:
+        """Remove every series labelled with ``account``, as when a reload removes the account.
+
+        Events its session still emits while it ends are ignored from now on.
+        """
+        session = self._sessions.pop(account, None)
+        if session is None:
+            return
+        self._ready.remove(account)
+        self._cod.remove(account, session.account.cancel_on_disconnect)
+        for state in SessionState:
+            self._state.remove(account, state.value)
+        for reason in self._reasons.pop(account, set()):
+            self._reconnects.remove(account, reason)
+        self._test_requests.remove(account)
+        self._refreshes.remove(account)
+        self._shown.pop(account, None)
+        self._lost_reason.pop(account, None)
+
+    def on_request(self, method: str, seconds: float) -> None:
+        """Record one answered request; the hook the Keeper passes to every Session."""
+        self._requests.labels(method).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type. Call it from the Trio loop."""
+        return generate_latest(self._exposed), CONTENT_TYPE_LATEST
+
+    def _observe(self, session: Session, event: str, fields: Mapping[str, Any]) -> None:
+        name = session.account.name
+        if self._sessions.get(name) is not session:
+            return  # forgotten or replaced: its last events must not bring its series back
+        if event == events.SESSION_LOST:
+            self._lost_reason[name] = str(fields.get("reason", UNKNOWN_REASON))
+        elif event == events.SESSION_RETRY:
+            # Counted at the retry, not the loss: a link lost while stopping is not reconnected,
+            # and so the counter's sum matches the session's own ``reconnects``.
+            reason = self._lost_reason.pop(name, UNKNOWN_REASON)
+            self._reasons[name].add(reason)
+            self._reconnects.labels(name, reason).inc()
+        elif event == events.SESSION_READY:
+            self._setup.observe(float(fields.get("setup_ms", 0.0)) / 1000)
+        elif event == events.SESSION_TEST_REQUEST_ANSWERED:
+            self._test_requests.labels(name).inc()
+        elif event == events.SESSION_TOKEN_REFRESHED:
+            self._refreshes.labels(name).inc()
+        self._show_state(session)
+
+    def _show_state(self, session: Session) -> None:
+        """Make the state gauges say ``session.state``; nothing to do if they already do."""
+        name, state = session.account.name, session.state
+        if self._shown.get(name) is state:
+            return
+        self._shown[name] = state
+        ready = 1 if state is SessionState.READY else 0
+        self._ready.labels(name).set(ready)
+        self._cod.labels(name, session.account.cancel_on_disconnect).set(ready)
+        for each in SessionState:
+            self._state.labels(name, each.value).set(1 if each is state else 0)
