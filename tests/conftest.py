@@ -6,6 +6,9 @@
   wait on its output, never on a fixed delay.)
 * Logs go through the real processor chain (``logs.configure``) into a buffer that tests read as
   JSON events, so redaction is exercised by every test that logs.
+* No secret and no token reaches any output: after every test, its log lines, the repr of every
+  Keeper, Session and config it built, and every session snapshot (what /status serves) are
+  searched for every secret its simulators knew and every token they issued.
 * structlog is reset after every test.
 """
 
@@ -76,6 +79,46 @@ def log_lines() -> LogLines:
     lines = LogLines()
     logs.configure(LogConfig(level="debug", format="json"), stream=lines.stream)
     return lines
+
+
+@pytest.fixture(autouse=True)
+def _no_secret_escapes(log_lines: LogLines, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fail any test whose output shows a simulator's secret or a token it issued."""
+    from deribit_keeper.session import Session
+    from deribit_keeper.supervisor import Keeper
+
+    simulators: list[Simulator] = []
+    secrets: set[str] = set(SECRETS)
+    built: list[object] = []
+
+    def recording(cls: type[Any], record: Any) -> None:
+        real = cls.__init__
+
+        def init(self: Any, *args: Any, **kwargs: Any) -> None:
+            real(self, *args, **kwargs)
+            record(self, args)
+
+        monkeypatch.setattr(cls, "__init__", init)
+
+    def simulator_built(sim: Simulator, args: tuple[Any, ...]) -> None:
+        simulators.append(sim)
+        secrets.update(a.client_secret for a in (args[0] if args else ()))
+
+    recording(Simulator, simulator_built)
+    recording(Session, lambda obj, _args: built.append(obj))
+    recording(Keeper, lambda obj, _args: built.append(obj))
+    yield
+    rendered = [log_lines.text]
+    for obj in built:
+        rendered.append(repr(obj))
+        if isinstance(obj, Session):
+            rendered += [repr(obj.account), str(obj.snapshot())]
+        if isinstance(obj, Keeper):
+            rendered.append(repr(obj.config))
+    tokens = {token for sim in simulators for token in sim.issued_tokens}
+    for text in rendered:
+        leaked = [s for s in secrets | tokens if s in text]
+        assert not leaked, f"a secret or token reached the output: {text[:200]!r}"
 
 
 @pytest.fixture
