@@ -13,13 +13,14 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from deribit_keeper.config import HttpConfig
+from deribit_keeper.config import HttpConfig, load_config
 from deribit_keeper.errors import leaves
 from deribit_keeper.simulator import Simulator
 from deribit_keeper.supervisor import Keeper
 
 from .conftest import LogLines, account_config, keeper_config
 from .test_http import http
+from .test_reload import entry, keeper_on, write
 from .test_supervisor import all_ready
 
 
@@ -85,15 +86,7 @@ async def test_systemd_hears_ready_status_watchdog_reload_and_stopping(
     tmp_path: Path,
 ) -> None:
     """READY=1 at start (not waiting for Deribit), STATUS, WATCHDOG, RELOADING, STOPPING."""
-    path = tmp_path / "c.yaml"
-    account = account_config(sim)
-    path.write_text(
-        f"defaults: {{url: '{sim.url}'}}\naccounts:\n"
-        f"  - {{name: main, client_id: {account.client_id}, "
-        f"client_secret: {account.client_secret.reveal()}}}\n"
-    )
-    from deribit_keeper.config import load_config
-
+    path = write(tmp_path / "c.yaml", sim, entry("main"))
     environ = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "30000000"}
     sim.delay_next("public/auth", 20)  # Deribit is slow: READY=1 must not wait for it
     keeper = Keeper(load_config(path), rng=random.Random(4), environ=environ)
@@ -121,22 +114,9 @@ async def test_a_changed_http_listen_is_reported_as_needing_a_restart(
     tmp_path: Path,
 ) -> None:
     """The endpoint is bound once; a reload that moves it says a restart is needed."""
-    account = account_config(sim)
-    path = tmp_path / "c.yaml"
-
-    def write(listen: int) -> None:
-        path.write_text(
-            f"http: {{listen: {listen}}}\ndefaults: {{url: '{sim.url}'}}\naccounts:\n"
-            f"  - {{name: main, client_id: {account.client_id}, "
-            f"client_secret: {account.client_secret.reveal()}}}\n"
-        )
-
-    from deribit_keeper.config import load_config
-
-    write(0)
-    keeper = Keeper(load_config(path), rng=random.Random(4), environ={})
-    await nursery.start(keeper.run)
-    write(1)
+    path = write(tmp_path / "c.yaml", sim, entry("main"), top="http: {listen: 0}\n")
+    keeper = await keeper_on(nursery, path, environ={})
+    write(path, sim, entry("main"), top="http: {listen: 1}\n")
     keeper.reload_from_disk()
     (reloaded,) = log_lines.events("keeper.reloaded")
     assert reloaded["needs_restart"] == ["http.listen"]

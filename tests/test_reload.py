@@ -7,6 +7,7 @@ import random
 import signal
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import trio
 import trio.testing
@@ -20,7 +21,10 @@ from .conftest import SIM_ACCOUNTS, LogLines
 from .test_supervisor import all_ready
 
 
-def write(path: Path, sim: Simulator, accounts: str, *, level: str = "debug") -> Path:
+def write(
+    path: Path, sim: Simulator, accounts: str, *, level: str = "debug", top: str = ""
+) -> Path:
+    """A config file for ``sim``: ``accounts`` (made with ``entry``), plus ``top``-level keys."""
     path.write_text(
         textwrap.dedent(
             f"""\
@@ -30,8 +34,17 @@ def write(path: Path, sim: Simulator, accounts: str, *, level: str = "debug") ->
             """
         )
         + textwrap.indent(textwrap.dedent(accounts), "  ")
+        + top
     )
     return path
+
+
+async def keeper_on(nursery: trio.Nursery, path: Path, **options: Any) -> Keeper:
+    """A Keeper running the config at ``path``, once every account is ready."""
+    keeper = Keeper(load_config(path), rng=random.Random(1), **options)
+    await nursery.start(keeper.run)
+    await all_ready(keeper)
+    return keeper
 
 
 def entry(name: str, extra: str = "") -> str:
@@ -56,9 +69,7 @@ async def test_reload_touches_only_added_removed_and_changed_accounts(
 ) -> None:
     """Unchanged main keeps its connection; hedge is restarted, third added, then removed."""
     path = write(tmp_path / "c.yaml", sim, entry("main") + entry("hedge"))
-    keeper = Keeper(load_config(path), rng=random.Random(1))
-    await nursery.start(keeper.run)
-    await all_ready(keeper)
+    keeper = await keeper_on(nursery, path)
     main_conn = open_connection_of(sim, "main-id")
     old_hedge = open_connection_of(sim, "hedge-id")
 
@@ -97,9 +108,7 @@ async def test_a_changed_secret_restarts_the_account(
 ) -> None:
     """A new secret counts as a change: the account reconnects with it."""
     path = write(tmp_path / "c.yaml", sim, entry("main"))
-    keeper = Keeper(load_config(path), rng=random.Random(1))
-    await nursery.start(keeper.run)
-    await all_ready(keeper)
+    keeper = await keeper_on(nursery, path)
     write(path, sim, entry("main").replace("main-SECRET-do-not-log", "rotated"))
     result = keeper.reload_from_disk()
     assert result is not None and result.changed == ("main",)
@@ -117,9 +126,7 @@ async def test_an_invalid_config_changes_nothing(
 ) -> None:
     """A broken file on reload: keeper.reload_failed with the reason, every link untouched."""
     path = write(tmp_path / "c.yaml", sim, entry("main") + entry("hedge"))
-    keeper = Keeper(load_config(path), rng=random.Random(1))
-    await nursery.start(keeper.run)
-    await all_ready(keeper)
+    keeper = await keeper_on(nursery, path)
     before = list(sim.connections)
     path.write_text(path.read_text().replace("accounts:", "acounts:"))
     assert keeper.reload_from_disk() is None
@@ -139,9 +146,7 @@ async def test_a_log_level_change_applies_at_once(
 ) -> None:
     """Raising the level to warning silences info and debug lines from then on."""
     path = write(tmp_path / "c.yaml", sim, entry("main"))
-    keeper = Keeper(load_config(path), rng=random.Random(1))
-    await nursery.start(keeper.run)
-    await all_ready(keeper)
+    keeper = await keeper_on(nursery, path)
     write(path, sim, entry("main"), level="warning")
     keeper.reload_from_disk()
     mark = len(log_lines.events())
@@ -162,9 +167,7 @@ async def test_sighup_reloads_even_when_every_account_is_replaced(
 ) -> None:
     """SIGHUP reloads; replacing every account by another works without a restart."""
     path = write(tmp_path / "c.yaml", sim, entry("main"))
-    keeper = Keeper(load_config(path), rng=random.Random(1))
-    await nursery.start(keeper.run)
-    await all_ready(keeper)
+    keeper = await keeper_on(nursery, path)
     first = open_connection_of(sim, "main-id")
     write(path, sim, entry("hedge"))
     os.kill(os.getpid(), signal.SIGHUP)

@@ -17,7 +17,7 @@ from deribit_keeper.protocol import ErrorCode
 from deribit_keeper.session import Session, SessionState, silence_limit
 from deribit_keeper.simulator import SimConnection, Simulator
 
-from .conftest import LogLines, account_config
+from .conftest import SIM_ACCOUNTS, LogLines, account_config
 
 SETUP = [
     "public/hello",
@@ -41,6 +41,13 @@ async def until_state(session: Session, state: SessionState) -> None:
     entered = trio.Event()
     session.watch(lambda s, _event, _fields: entered.set() if s.state is state else None)
     await entered.wait()
+
+
+async def short_token_sim(nursery: trio.Nursery) -> Simulator:
+    """A simulator whose tokens live 100 s, so refreshes come every 80 s."""
+    sim = Simulator(list(SIM_ACCOUNTS), token_ttl_s=100)
+    await nursery.start(sim.serve, 0)
+    return sim
 
 
 async def next_ready(session: Session, sim: Simulator, after: int) -> SimConnection:
@@ -148,10 +155,7 @@ async def test_token_is_refreshed_before_it_expires_on_the_same_connection(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, log_lines: LogLines
 ) -> None:
     """With 100 s tokens, refreshes keep one connection authenticated and COD re-confirmed."""
-    from .conftest import SIM_ACCOUNTS
-
-    sim = Simulator(list(SIM_ACCOUNTS), token_ttl_s=100)
-    await nursery.start(sim.serve, 0)
+    sim = await short_token_sim(nursery)
     session = start(nursery, sim)
     await until_state(session, SessionState.READY)
     await trio.sleep(1000)
@@ -450,10 +454,7 @@ async def test_a_refused_refresh_reauthenticates_on_the_same_connection(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, log_lines: LogLines
 ) -> None:
     """A revoked refresh token is replaced by a fresh auth, without a reconnect firing COD."""
-    from .conftest import SIM_ACCOUNTS
-
-    sim = Simulator(list(SIM_ACCOUNTS), token_ttl_s=100)
-    await nursery.start(sim.serve, 0)
+    sim = await short_token_sim(nursery)
     session = start(nursery, sim)
     await until_state(session, SessionState.READY)
     sim.fail_next("public/auth", ErrorCode.UNAUTHORIZED)
@@ -548,10 +549,7 @@ async def test_a_rate_limit_on_refresh_backs_off_instead_of_reauthenticating(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, log_lines: LogLines
 ) -> None:
     """Only 13009 on a refresh earns a fresh auth; 10028 ends the link and waits near the cap."""
-    from .conftest import SIM_ACCOUNTS
-
-    sim = Simulator(list(SIM_ACCOUNTS), token_ttl_s=100)
-    await nursery.start(sim.serve, 0)
+    sim = await short_token_sim(nursery)
     session = start(nursery, sim)
     await until_state(session, SessionState.READY)
     sim.fail_next("public/auth", ErrorCode.TOO_MANY_REQUESTS, close_after=True)
