@@ -27,3 +27,7 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Measurements, not tests: the keeper and the simulator as separate processes on loopback.
+bench: $(STAMP)
+	$(BIN)/python bench/idle_sessions.py --accounts 500 --seconds 30
