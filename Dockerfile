@@ -31,7 +31,9 @@ LABEL org.opencontainers.image.title="deribit-keeper" \
       org.opencontainers.image.description="Keeps one authenticated, Cancel-On-Disconnect-protected Deribit session per account" \
       org.opencontainers.image.licenses="MIT"
 # A fixed numeric UID/GID, so Kubernetes can verify runAsNonRoot and fsGroup can match it.
-RUN groupadd --system --gid 10001 keeper \
+# The base image's own pip and setuptools go too: nothing at run time installs anything.
+RUN python -m pip uninstall --yes --quiet pip setuptools wheel \
+ && groupadd --system --gid 10001 keeper \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin keeper
 COPY --from=builder /opt/deribit-keeper /opt/deribit-keeper

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 import socket
 from collections.abc import Iterator
@@ -97,7 +98,6 @@ async def test_systemd_hears_ready_status_watchdog_reload_and_stopping(
         seen.append(await notify.next())
     statuses = [d for d in await notify.until("STATUS=1/1 ready") if d.startswith("STATUS=")]
     assert statuses[-1] == "STATUS=1/1 ready"
-    assert "WATCHDOG=1" in await notify.until("WATCHDOG=1")  # fed every 15 s
     keeper.reload_from_disk()  # the SIGHUP path adds RELOADING=1 / READY=1 around this
     await keeper._reload_with_systemd()
     reload = await notify.until("READY=1")
@@ -139,3 +139,66 @@ async def test_an_endpoint_that_cannot_bind_is_a_clear_error(
         assert [type(e) for e in leaves(caught.value)] == [OSError]
     (failed,) = log_lines.events("keeper.http_failed")
     assert failed["listen"] == f"127.0.0.1:{port}"
+
+
+async def test_stopping_reaches_systemd_even_when_sessions_end_at_once(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    notify: Datagrams,
+) -> None:
+    """An account stuck in backoff ends instantly on stop; STOPPING=1 is still sent."""
+    sim.refuse_handshakes(1000)
+    keeper = Keeper(
+        keeper_config(account_config(sim)),
+        rng=random.Random(4),
+        environ={"NOTIFY_SOCKET": notify.path},
+    )
+    await nursery.start(keeper.run)
+    await notify.until("READY=1")
+    await trio.sleep(5)
+    keeper.stop()
+    assert (await notify.until("STOPPING=1"))[-1] == "STOPPING=1"
+
+
+async def test_the_watchdog_is_fed_every_half_period(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    notify: Datagrams,
+) -> None:
+    """WatchdogSec=30 (WATCHDOG_USEC): a ping every 15 s of the loop's own time."""
+    environ = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "30000000"}
+    keeper = Keeper(keeper_config(account_config(sim)), rng=random.Random(4), environ=environ)
+    await nursery.start(keeper.run)
+    await notify.until("WATCHDOG=1")
+    pings = []
+    for _ in range(3):
+        await notify.until("WATCHDOG=1")
+        pings.append(trio.current_time())
+    assert [round(b - a, 3) for a, b in itertools.pairwise(pings)] == [15.0, 15.0]
+    keeper.stop()
+
+
+async def test_metrics_follow_a_reload(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator, tmp_path: Path
+) -> None:
+    """A removed account's series disappear from /metrics; an added one's appear."""
+    path = write(
+        tmp_path / "c.yaml", sim, entry("main") + entry("hedge"), top="http: {listen: 0}\n"
+    )
+    keeper = await keeper_on(nursery, path, environ={})
+    assert keeper.http_port is not None
+    write(path, sim, entry("main") + entry("third"), top="http: {listen: 0}\n")
+    keeper.reload_from_disk()
+    await all_ready(keeper)
+    await trio.sleep(1)
+    text = (await http(keeper.http_port, "/metrics")).body.decode()
+    ready = {
+        s.labels["account"]
+        for f in text_string_to_metric_families(text)
+        if f.name == "deribit_keeper_session_ready"
+        for s in f.samples
+    }
+    assert ready == {"main", "third"}
+    keeper.stop()

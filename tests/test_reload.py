@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -178,3 +179,118 @@ async def test_sighup_reloads_even_when_every_account_is_replaced(
     assert list(keeper.sessions) == ["hedge"]
     assert log_lines.events("keeper.reloaded")[0]["removed"] == ["main"]
     assert keeper.alive()
+
+
+async def most_links_at_once(sim: Simulator, client_id: str, seen: list[int]) -> None:
+    """Record in ``seen[0]`` the most links ``client_id`` ever held open at once."""
+
+    def count() -> bool:
+        open_now = sum(c.open and c.client_id == client_id for c in sim.connections)
+        seen[0] = max(seen[0], open_now)
+        return False
+
+    await sim.wait_for(count)
+
+
+SLOW_LOGOUT = "  on_shutdown: logout\n"
+
+
+async def test_reloads_in_quick_succession_never_double_an_account(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator, tmp_path: Path
+) -> None:
+    """Two changes before the old session has ended: one link at a time, the newest config wins."""
+    path = write(tmp_path / "c.yaml", sim, entry("main", SLOW_LOGOUT))
+    keeper = await keeper_on(nursery, path)
+    peak = [0]
+    nursery.start_soon(most_links_at_once, sim, "main-id", peak)
+    sim.delay_next("private/logout", 2)
+    write(path, sim, entry("main", SLOW_LOGOUT + "  heartbeat_interval: 20\n"))
+    keeper.reload_from_disk()
+    write(path, sim, entry("main", SLOW_LOGOUT + "  heartbeat_interval: 30\n"))
+    keeper.reload_from_disk()
+    await trio.sleep(60)
+    (main,) = [c for c in sim.connections if c.open]
+    assert main.heartbeat_interval == 30 and peak[0] == 1
+    assert list(keeper.sessions) == ["main"] and keeper.sessions["main"].ready
+    asked = trio.current_time()
+    keeper.stop()
+    await sim.wait_for(lambda: not main.open)
+    assert trio.current_time() - asked < 1 and main.logged_out  # nothing hidden left to cut
+
+
+async def test_a_change_then_a_removal_does_not_bring_the_account_back(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator, tmp_path: Path
+) -> None:
+    """A pending restart reads the newest config: a removed account stays removed."""
+    path = write(tmp_path / "c.yaml", sim, entry("main", SLOW_LOGOUT) + entry("hedge"))
+    keeper = await keeper_on(nursery, path)
+    sim.delay_next("private/logout", 2)
+    write(path, sim, entry("main", SLOW_LOGOUT + "  heartbeat_interval: 20\n") + entry("hedge"))
+    keeper.reload_from_disk()
+    write(path, sim, entry("hedge"))
+    keeper.reload_from_disk()
+    await trio.sleep(60)
+    assert list(keeper.sessions) == ["hedge"]
+    assert not [c for c in sim.connections if c.open and c.client_id == "main-id"]
+
+
+async def test_a_removal_then_a_readd_waits_for_the_old_link(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator, tmp_path: Path
+) -> None:
+    """Removed and added back before its logout finished: the new link opens after the old."""
+    path = write(tmp_path / "c.yaml", sim, entry("main", SLOW_LOGOUT) + entry("hedge"))
+    keeper = await keeper_on(nursery, path)
+    peak = [0]
+    nursery.start_soon(most_links_at_once, sim, "main-id", peak)
+    sim.delay_next("private/logout", 2)
+    write(path, sim, entry("hedge"))
+    keeper.reload_from_disk()
+    write(path, sim, entry("main", SLOW_LOGOUT) + entry("hedge"))
+    keeper.reload_from_disk()
+    await trio.sleep(60)
+    assert peak[0] == 1 and keeper.sessions["main"].ready
+    assert sum(c.client_id == "main-id" for c in sim.connections) == 2
+
+
+async def test_a_reload_before_run_or_after_stop_launches_nothing_early_or_late(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator, tmp_path: Path
+) -> None:
+    """Before run() a reload only replaces the config; after stop() it starts nothing."""
+    path = write(tmp_path / "c.yaml", sim, entry("main"))
+    keeper = Keeper(load_config(path), rng=random.Random(1))
+    keeper.reload(load_config(write(path, sim, entry("hedge"))))
+    await nursery.start(keeper.run)
+    await all_ready(keeper)
+    assert list(keeper.sessions) == ["hedge"]
+    keeper.stop()
+    keeper.reload(load_config(write(path, sim, entry("hedge") + entry("third"))))
+    await trio.sleep(10)
+    assert not any(c.client_id == "third-id" for c in sim.connections)
+
+
+async def test_a_sighup_during_startup_is_applied_once_sessions_run(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reload signal that arrives before the sessions are launched waits for them."""
+    reached, release = trio.Event(), trio.Event()
+
+    async def slow_http(self: Keeper, nursery: trio.Nursery, http: object) -> None:
+        reached.set()  # signals are handled by now: the handler starts before the endpoint
+        await release.wait()
+
+    monkeypatch.setattr(Keeper, "_start_http", slow_http)
+    path = write(tmp_path / "c.yaml", sim, entry("main"), top="http: {listen: 0}\n")
+    keeper = Keeper(load_config(path), rng=random.Random(1))
+    nursery.start_soon(keeper.run)
+    await reached.wait()
+    write(path, sim, entry("main") + entry("hedge"), top="http: {listen: 0}\n")
+    os.kill(os.getpid(), signal.SIGHUP)
+    await trio.sleep(1)
+    release.set()
+    await sim.wait_for(lambda: any(c.client_id == "hedge-id" for c in sim.connections))
+    await all_ready(keeper)
+    assert sorted(keeper.sessions) == ["hedge", "main"]

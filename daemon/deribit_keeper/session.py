@@ -161,6 +161,11 @@ class Session:
         self._observers.append(observer)
 
     @property
+    def stop_requested(self) -> bool:
+        """Whether ``stop()`` was called: the session is ending and will not reconnect."""
+        return self._stop_requested.is_set()
+
+    @property
     def ready(self) -> bool:
         """True only while COD is confirmed on a live link that is not being ended.
 

@@ -81,6 +81,7 @@ class Keeper:
         self.http_port: int | None = None  # the bound port, once the endpoint listens
         self._environ = os.environ if environ is None else environ
         self._notifier: Notifier | None = None
+        self._said_stopping = False
         self._status_changed, self._status_wanted = trio.open_memory_channel[None](1)
         self._rng = rng if rng is not None else random.Random()
         self._wall_clock = wall_clock
@@ -88,6 +89,8 @@ class Keeper:
         self._log = get_logger()
         self._sessions_nursery: trio.Nursery | None = None
         self._stop_requested = trio.Event()
+        self._launched = trio.Event()  # a SIGHUP before this waits: there is nothing to reload
+        self._relaunching: set[str] = set()
         self._stopping = False
         self._running = False
 
@@ -130,14 +133,17 @@ class Keeper:
                 sessions.start_soon(self._stop_requested.wait)
                 for account in self.config.accounts:
                     self._launch(account)
+                self._launched.set()
                 if self._stopping:  # stop() came before run()
                     self._begin_shutdown()
                 task_status.started()
-                if self._notifier is not None:
+                if self._notifier is not None and not self._stopping:
                     # Ready for systemd means "running": Deribit's state is /readyz's business,
                     # and an exchange outage must not make systemd restart the keeper.
                     await self._notifier.ready()
             self._running = False
+            if self._notifier is not None and not self._said_stopping:
+                await self._notifier.stopping()  # the sessions ended before say_stopping could
             outer.cancel_scope.cancel()  # every session is done: stop the helpers
         self._log.info(events.KEEPER_STOPPED)
 
@@ -174,13 +180,29 @@ class Keeper:
         self.config = config
         if config.log != logs.current():
             logs.configure(config.log)
-        for name in result.removed:
-            self.sessions[name].stop()
-        for name in result.changed:
-            self._relaunch_after(self.sessions[name], new[name])
-        for name in result.added:
-            self._launch(new[name])
+        if self._sessions_nursery is not None and not self._stopping:
+            self._converge()
         return result
+
+    def _converge(self) -> None:
+        """Make the running sessions match ``self.config``, whatever earlier reloads left.
+
+        The comparison is with the sessions as they run, not with the previous config: a
+        session still ending from an earlier reload (removed, or replaced) counts as not wanted
+        as it is. At most one relaunch waits per account, and it starts whatever the config
+        wants *when* the old session has ended, so however quickly reloads follow each other,
+        an account never has two links, and a removed one never comes back.
+        """
+        wanted = self._wanted()
+        for name, session in list(self.sessions.items()):
+            account = wanted.get(name)
+            if account is None:
+                session.stop()
+            elif session.account != account or session.stop_requested:
+                self._relaunch_after(session)
+        for name, account in wanted.items():
+            if name not in self.sessions:
+                self._launch(account)
 
     def reload_from_disk(self) -> ReloadResult | None:
         """Re-read the config file; on any problem log it and keep running exactly as before."""
@@ -212,7 +234,7 @@ class Keeper:
 
         async def say_stopping() -> None:
             await self._stop_requested.wait()
-            await notifier.stopping()
+            self._said_stopping = await notifier.stopping()
 
         nursery.start_soon(say_stopping)
 
@@ -279,27 +301,37 @@ class Keeper:
             await session.run()
         finally:
             name = session.account.name
-            removed = all(a.name != name for a in self.config.accounts)
-            if removed and self.sessions.get(name) is session:
+            if name not in self._wanted() and self.sessions.get(name) is session:
                 del self.sessions[name]
                 self.metrics.forget(name)
                 self._state_changed(session, events.SESSION_STOPPED, {})
 
-    def _relaunch_after(self, old: Session, account: AccountConfig) -> None:
-        """Stop ``old``; once it has ended, start a session with the changed settings.
+    def _relaunch_after(self, old: Session) -> None:
+        """Stop ``old``; once it has ended, start what the config then wants for its account.
 
-        Until then ``old`` stays in ``sessions``, so status shows the account as stopped rather
+        Until then ``old`` stays in ``sessions``, so status shows the account as stopping rather
         than not at all.
         """
         assert self._sessions_nursery is not None
+        name = old.account.name
+        old.stop()
+        if name in self._relaunching:
+            return  # the waiting relaunch will read the newest config when it wakes
 
         async def relaunch() -> None:
-            await old.stopped.wait()
-            if not self._stopping:
+            try:
+                await old.stopped.wait()
+            finally:
+                self._relaunching.discard(name)
+            account = self._wanted().get(name)
+            if account is not None and not self._stopping and self.sessions.get(name) is old:
                 self._launch(account)
 
-        old.stop()
-        self._sessions_nursery.start_soon(relaunch, name=f"relaunch:{account.name}")
+        self._relaunching.add(name)
+        self._sessions_nursery.start_soon(relaunch, name=f"relaunch:{name}")
+
+    def _wanted(self) -> dict[str, AccountConfig]:
+        return {a.name: a for a in self.config.accounts}
 
     def _begin_shutdown(self) -> None:
         assert self._sessions_nursery is not None
@@ -313,6 +345,7 @@ class Keeper:
             task_status.started()
             async for signum in received:
                 if signum == RELOAD_SIGNAL:
+                    await self._launched.wait()  # a SIGHUP during start-up applies after it
                     if not self._stopping:
                         await self._reload_with_systemd()
                 else:
