@@ -302,11 +302,12 @@ def test_dockerfile_runs_as_the_manifests_non_root_user() -> None:
 
 
 def test_dockerfile_final_stage_has_no_build_tools() -> None:
-    """The final stage installs nothing and copies only the built virtualenv from the builder."""
+    """The final stage installs nothing, removes pip, and copies only the built virtualenv."""
     stage = dockerfile_stages()[-1]
     runs = " ".join(args for k, args in stage if k == "RUN")
-    for tool in ("apt-get", "apk ", "gcc", "build-essential", "pip ", "make "):
+    for tool in ("apt-get", "apk ", "gcc", "build-essential", "pip install", "make "):
         assert tool not in runs, tool
+    assert "pip uninstall --yes --quiet pip" in runs
     copies = [args.split() for k, args in stage if k in ("COPY", "ADD")]
     assert copies == [["--from=builder", "/opt/deribit-keeper", "/opt/deribit-keeper"]]
 
