@@ -50,6 +50,16 @@ async def short_token_sim(nursery: trio.Nursery) -> Simulator:
     return sim
 
 
+async def stop_when_ready(session: Session, sim: Simulator) -> SimConnection:
+    """Let ``session`` become ready, stop it, and return its link once that has closed."""
+    await until_state(session, SessionState.READY)
+    session.stop()
+    await until_state(session, SessionState.STOPPED)
+    conn = sim.connections[0]
+    await sim.wait_for(lambda: not conn.open)
+    return conn
+
+
 async def next_ready(session: Session, sim: Simulator, after: int) -> SimConnection:
     """Wait until the session is READY on a connection newer than connection number ``after``."""
     await sim.wait_for(lambda: len(sim.connections) > after)
@@ -383,11 +393,7 @@ async def test_stop_while_ready_closes_without_logout_so_cod_fires(
 ) -> None:
     """on_shutdown close: a WebSocket close, no logout; Deribit applies COD."""
     session = start(nursery, sim, on_shutdown="close")
-    await until_state(session, SessionState.READY)
-    session.stop()
-    await until_state(session, SessionState.STOPPED)
-    conn = sim.connections[0]
-    await sim.wait_for(lambda: not conn.open)
+    conn = await stop_when_ready(session, sim)
     assert "private/logout" not in conn.methods()
     assert conn.closed_by == "client" and conn.close_code == 1000 and not conn.abrupt
     assert conn.cod_fired and not conn.logged_out
@@ -398,11 +404,7 @@ async def test_stop_while_ready_logs_out_first_so_orders_stay(
 ) -> None:
     """on_shutdown logout: private/logout first; Deribit closes and COD does not fire."""
     session = start(nursery, sim, on_shutdown="logout")
-    await until_state(session, SessionState.READY)
-    session.stop()
-    await until_state(session, SessionState.STOPPED)
-    conn = sim.connections[0]
-    await sim.wait_for(lambda: not conn.open)
+    conn = await stop_when_ready(session, sim)
     assert conn.methods()[-1] == "private/logout"
     assert conn.logged_out and not conn.cod_fired
 
@@ -570,11 +572,7 @@ async def test_a_refused_logout_is_an_error_because_cod_will_fire(
     """If Deribit refuses private/logout, the keeper says so at error level and still stops."""
     sim.fail_next("private/logout", ErrorCode.TEMPORARILY_UNAVAILABLE)
     session = start(nursery, sim, on_shutdown="logout")
-    await until_state(session, SessionState.READY)
-    session.stop()
-    await until_state(session, SessionState.STOPPED)
-    conn = sim.connections[0]
-    await sim.wait_for(lambda: not conn.open)
+    conn = await stop_when_ready(session, sim)
     assert conn.cod_fired and not conn.logged_out
     (failed,) = log_lines.events("session.logout_failed")
     assert failed["level"] == "error" and "13028" in failed["detail"]

@@ -40,6 +40,14 @@ def three_accounts(sim: Simulator, **overrides: Any) -> Keeper:
     return Keeper(config, rng=random.Random(5))
 
 
+async def three_ready(nursery: trio.Nursery, sim: Simulator, **overrides: Any) -> Keeper:
+    """A running Keeper of three accounts, once all three are ready."""
+    keeper = three_accounts(sim, **overrides)
+    await nursery.start(keeper.run)
+    await all_ready(keeper)
+    return keeper
+
+
 async def test_every_account_gets_its_own_protected_connection(
     autojump_clock: trio.testing.MockClock,
     nursery: trio.Nursery,
@@ -47,9 +55,7 @@ async def test_every_account_gets_its_own_protected_connection(
     log_lines: LogLines,
 ) -> None:
     """Three accounts, three connections, each authenticated as its own client with COD on."""
-    keeper = three_accounts(sim)
-    await nursery.start(keeper.run)
-    await all_ready(keeper)
+    keeper = await three_ready(nursery, sim)
     assert sorted(c.client_id or "" for c in sim.connections) == ["hedge-id", "main-id", "third-id"]
     assert all(c.cod_enabled for c in sim.connections)
     assert repr(keeper) == "<Keeper 3/3 ready>"
@@ -63,9 +69,7 @@ async def test_one_account_failing_leaves_the_others_untouched(
     log_lines: LogLines,
 ) -> None:
     """Breaking one account's link again and again never reconnects or logs about the others."""
-    keeper = three_accounts(sim)
-    await nursery.start(keeper.run)
-    await all_ready(keeper)
+    await three_ready(nursery, sim)
     others = [c for c in sim.connections if c.client_id != "main-id"]
     for dropped in range(1, 6):
         main = next(c for c in sim.connections if c.client_id == "main-id" and c.open)
@@ -199,9 +203,7 @@ async def test_a_crashing_observer_is_contained(
     log_lines: LogLines,
 ) -> None:
     """An observer (metrics, status) that raises is logged; no session, own or other, ends."""
-    keeper = three_accounts(sim)
-    await nursery.start(keeper.run)
-    await all_ready(keeper)
+    keeper = await three_ready(nursery, sim)
 
     def broken(_session: object, event: str, _fields: object) -> None:
         if event == "session.lost":
