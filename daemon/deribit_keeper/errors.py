@@ -37,6 +37,14 @@ class SessionLost(KeeperError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
+class NotReady(KeeperError):
+    """A request could not be relayed: the account's session is not ready (its state says why)."""
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+        super().__init__(f"the session is {state}, not ready")
+
+
 class RpcError(SessionLost):
     """Deribit answered a request with a JSON-RPC error object."""
 

@@ -12,28 +12,18 @@ are account names, scopes, states, reasons and method names.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Final, Protocol
 
 import trio
-from hypercorn.config import Config
-from hypercorn.logging import Logger
-from hypercorn.trio import serve
-from hypercorn.typing import (
-    ASGIFramework,
-    ASGIReceiveCallable,
-    ASGISendCallable,
-    ResponseSummary,
-    Scope,
-    WWWScope,
-)
+from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
 from . import __version__, events
 from .logs import get_logger
 from .metrics import KeeperMetrics
+from .serving import lifespan, serve_asgi
 from .session import Session, SessionState
 
 HEALTH_PATH: Final = "/healthz"
@@ -43,11 +33,6 @@ METRICS_PATH: Final = "/metrics"
 
 # Event names of this module (candidates for events.py).
 HTTP_LISTENING: Final = events.HTTP_LISTENING
-HTTP_REQUEST: Final = events.HTTP_REQUEST
-HTTP_SERVER: Final = events.HTTP_SERVER
-
-# Every answer is ready in microseconds; at shutdown a slow client must not hold the keeper up.
-GRACEFUL_TIMEOUT_S: Final = 1.0
 ALLOWED_METHODS: Final = ("GET", "HEAD")
 JSON_TYPE: Final = "application/json"
 
@@ -98,7 +83,7 @@ class _App:
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
         if scope["type"] != "http":
             # No WebSocket here: closing before accepting makes hypercorn answer 403.
@@ -175,77 +160,9 @@ class _App:
         return _Response(200, body, content_type)
 
 
-async def _lifespan(receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-    """Nothing to set up or tear down; answering keeps hypercorn from logging a warning."""
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
 def create_app(source: StatusSource) -> ASGIFramework:
     """The ASGI app answering /healthz, /readyz[/<account>], /status and /metrics."""
     return _App(source)
-
-
-class _StructlogLogger(Logger):
-    """hypercorn's access and error log as keeper events, through the keeper's processor chain.
-
-    hypercorn's own Logger writes plain lines and raw tracebacks to stdout and stderr; here each
-    request is one ``http.request`` event at debug (probes come every few seconds) and an error
-    in the app is one ``http.server`` event with its traceback as a field, redacted like any line.
-    """
-
-    def __init__(self, config: Config) -> None:  # no super(): it would attach stream handlers
-        self.access_log_format = config.access_log_format
-        self.access_logger = None
-        self.error_logger = None
-
-    async def access(
-        self, request: WWWScope, response: ResponseSummary | None, request_time: float
-    ) -> None:
-        _log.debug(
-            HTTP_REQUEST,
-            method=request.get("method", "GET"),
-            path=request["path"],
-            status=None if response is None else response["status"],
-            duration_ms=round(request_time * 1000, 3),
-        )
-
-    async def critical(self, message: str, *args: Any, **kwargs: Any) -> None:
-        _log.critical(HTTP_SERVER, message=message % args if args else message)
-
-    async def error(self, message: str, *args: Any, **kwargs: Any) -> None:
-        _log.error(HTTP_SERVER, message=message % args if args else message)
-
-    async def warning(self, message: str, *args: Any, **kwargs: Any) -> None:
-        _log.warning(HTTP_SERVER, message=message % args if args else message)
-
-    async def info(self, message: str, *args: Any, **kwargs: Any) -> None:
-        _log.debug(HTTP_SERVER, message=message % args if args else message)
-
-    async def debug(self, message: str, *args: Any, **kwargs: Any) -> None:
-        _log.debug(HTTP_SERVER, message=message % args if args else message)
-
-    async def exception(self, message: str, *args: Any, **kwargs: Any) -> None:
-        _log.error(HTTP_SERVER, message=message % args if args else message, exc_info=True)
-
-    async def log(self, level: int, message: str, *args: Any, **kwargs: Any) -> None:
-        _log.log(level, HTTP_SERVER, message=message % args if args else message)
-
-
-class _Started(trio.TaskStatus[list[str]]):
-    """Tells our caller the port once hypercorn reports that it serves (``started(binds)``)."""
-
-    def __init__(self, host: str, port: int, task_status: trio.TaskStatus[int]) -> None:
-        self._host, self._port, self._task_status = host, port, task_status
-
-    def started(self, value: list[str] | None = None) -> None:
-        _log.info(HTTP_LISTENING, host=self._host, port=self._port)
-        self._task_status.started(self._port)
 
 
 async def serve_http(
@@ -263,20 +180,8 @@ async def serve_http(
     Raises:
         OSError: the address cannot be bound (in use, not local, permission), before started.
     """
-    # We bind, hypercorn serves: a bind error is then a plain OSError from trio (hypercorn's
-    # own would arrive in nested exception groups and leak its socket), and port 0 is read off
-    # the socket. hypercorn gets a duplicate of the descriptor (``fd://``) and closes that one;
-    # ours is closed here. A name with several addresses is served on the first, like the
-    # simulator does, so that one port means one address.
-    first, *others = await trio.open_tcp_listeners(port, host=host or None)
-    for other in others:
-        await other.aclose()
-    async with first:
-        config = Config()
-        config.bind = [f"fd://{os.dup(first.socket.fileno())}"]
-        config.logger_class = _StructlogLogger
-        config.accesslog = config.errorlog = None
-        config.graceful_timeout = GRACEFUL_TIMEOUT_S
-        config.include_server_header = False  # no need to tell a scanner what serves this
-        bound = int(first.socket.getsockname()[1])
-        await serve(app, config, task_status=_Started(host, bound, task_status), mode="asgi")
+
+    def listening(bound: int) -> None:
+        _log.info(HTTP_LISTENING, host=host, port=bound)
+
+    await serve_asgi(app, host, port, listening=listening, task_status=task_status)

@@ -46,13 +46,51 @@ def _default_ssl_context() -> ssl.SSLContext:
 
 
 class _Pending:
-    """A request waiting for its answer."""
+    """A request waiting for its answer; ``answered`` is also set, with no message, when the
+    link ends first."""
 
     __slots__ = ("answered", "message")
 
     def __init__(self) -> None:
         self.answered = trio.Event()
         self.message: dict[str, Any] | None = None
+
+
+class Relayed:
+    """A request sent on someone else's behalf, whose whole answer is awaited separately.
+
+    Splitting the send from the wait lets a relay send its client's requests upstream in the
+    order they came, while their answers arrive in any order.
+    """
+
+    __slots__ = ("_conn", "_id", "_pending", "method")
+
+    def __init__(
+        self, conn: RpcConnection, request_id: int, pending: _Pending, method: str
+    ) -> None:
+        self._conn, self._id, self._pending, self.method = conn, request_id, pending, method
+
+    async def answer(self) -> dict[str, Any]:
+        """Deribit's answer as it arrived: ``result`` or ``error``, ``usIn``, ``usOut``, ...
+
+        Waits as long as the link lives: a relayed order's fate is known only from its answer,
+        and a guess (a timeout error) could make its client send it twice. The link's own
+        watchdog bounds that wait. On cancellation the request is forgotten.
+
+        Raises:
+            SessionLost: the link ended before the answer arrived.
+        """
+        try:
+            await self._pending.answered.wait()
+        finally:
+            self._conn._pending.pop(self._id, None)
+        if self._pending.message is None:
+            raise SessionLost("connection_closed", f"{self.method} unanswered: the link ended")
+        return self._pending.message
+
+    def forget(self) -> None:
+        """Stop waiting for the answer (a late one is ignored)."""
+        self._conn._pending.pop(self._id, None)
 
 
 class RpcConnection:
@@ -114,10 +152,29 @@ class RpcConnection:
             del self._pending[request_id]
         if scope.cancelled_caught:
             raise SessionLost("request_timeout", f"{method} unanswered after {limit:g}s")
-        assert pending.message is not None
+        if pending.message is None:
+            raise SessionLost("connection_closed", f"{method} unanswered: the link ended")
         if self._on_request is not None:
             self._on_request(method, trio.current_time() - sent_at)
         return _result_of(method, pending.message)
+
+    async def send_relayed(self, method: str, params: Mapping[str, Any]) -> Relayed:
+        """Send one request now and return a handle on its answer (see ``Relayed.answer``).
+
+        Raises:
+            SessionLost: the link is closed; nothing was sent.
+        """
+        if self._closed.is_set():
+            raise SessionLost("connection_closed", f"{method} not sent: the link ended")
+        request_id = next(self._ids)
+        pending = self._pending[request_id] = _Pending()
+        try:
+            await self._send({"jsonrpc": "2.0", "id": request_id, "method": method,
+                              "params": dict(params)})  # fmt: skip
+        except BaseException:
+            del self._pending[request_id]
+            raise
+        return Relayed(self, request_id, pending, method)
 
     async def call_expecting_close(
         self, method: str, params: Mapping[str, Any] | None = None, *, timeout: float
@@ -176,9 +233,15 @@ class RpcConnection:
             while True:
                 self._dispatch(await self._ws.get_message())
         except ConnectionClosed as exc:
-            self._closed.set()
+            self._end()
             if not self._closing:
                 raise _closed(exc) from exc
+
+    def _end(self) -> None:
+        """The link is over: wake every request still waiting, so that none waits forever."""
+        self._closed.set()
+        for pending in self._pending.values():
+            pending.answered.set()
 
     def _dispatch(self, frame: str | bytes) -> None:
         """Route one frame: an answer to its request, a notification to the caller."""
@@ -222,6 +285,7 @@ class RpcConnection:
                 with trio.move_on_after(CLOSE_TIMEOUT_S):
                     await self._ws.aclose(NORMAL_CLOSURE)
         finally:
+            self._end()
             await trio.aclose_forcefully(self._stream)
 
 

@@ -25,12 +25,13 @@ import trio
 from . import __version__, auth, events
 from .backoff import STABLE_AFTER_S, Backoff, Severity, classify
 from .config import AccountConfig
-from .errors import CodNotConfirmed, DeadLink, RpcError, SessionLost
+from .errors import CodNotConfirmed, DeadLink, NotReady, RpcError, SessionLost
 from .logs import get_logger
 from .protocol import ErrorCode
-from .rpc import RpcConnection, open_rpc_connection
+from .rpc import Relayed, RpcConnection, open_rpc_connection
 
 Observer = Callable[["Session", str, Mapping[str, Any]], None]
+Listener = Callable[[str, Any], None]  # (method, params) of a notification other than heartbeat
 OnRequest = Callable[[str, float], None]  # (method, seconds until its answer arrived)
 
 CLIENT_NAME: Final = "deribit-keeper"
@@ -142,6 +143,7 @@ class Session:
         self._ssl_context = ssl_context
         self._backoff = Backoff(account.backoff.initial, account.backoff.max)
         self._observers: list[Observer] = []
+        self._listeners: list[Listener] = []
         self._on_request = on_request
         self._stop_requested = trio.Event()
         self.stopped = trio.Event()  # set once run() has returned
@@ -159,6 +161,29 @@ class Session:
         events the log shows, never by polling.
         """
         self._observers.append(observer)
+
+    def listen(self, listener: Listener) -> None:
+        """Call ``listener(method, params)`` for every notification but heartbeats, such as the
+        ``subscription`` frames a gateway fans out. It runs in the link's reader, so it must be
+        quick and never block; its bugs are logged and contained."""
+        self._listeners.append(listener)
+
+    async def relay(self, method: str, params: Mapping[str, Any]) -> Relayed:
+        """Send a request on a client's behalf over the ready link; await ``.answer()`` for
+        Deribit's whole answer.
+
+        Only a READY session relays: its link has COD confirmed with scope ``connection`` on
+        itself, whatever scope the account configures, so every order sent through it is
+        cancelled by Deribit if the link dies.
+
+        Raises:
+            NotReady: the session is not ready; nothing was sent.
+            SessionLost: the link ended while sending.
+        """
+        rpc = self.rpc
+        if rpc is None or self.state is not SessionState.READY:
+            raise NotReady(self.state.value)
+        return await rpc.send_relayed(method, params)
 
     @property
     def stop_requested(self) -> bool:
@@ -316,8 +341,15 @@ class Session:
             self._log.exception(events.SESSION_OBSERVER_FAILED, observed="request")
 
     def _on_notification(self, method: str, params: Any) -> None:
-        """Answer a test_request at once; every other notification only proves the link alive."""
-        if method != "heartbeat" or not isinstance(params, dict):
+        """Answer a test_request at once; hand every other notification to the listeners."""
+        if method != "heartbeat":
+            for listener in self._listeners:
+                try:
+                    listener(method, params)
+                except Exception:  # noqa: BLE001 (a gateway's bug must not end the link)
+                    self._log.exception(events.SESSION_OBSERVER_FAILED, observed=method)
+            return
+        if not isinstance(params, dict):
             return
         if params.get("type") == "test_request" and self._tasks and self.rpc is not None:
             self._tasks.start_soon(self._answer_test_request, self.rpc)
