@@ -12,15 +12,13 @@ import itertools
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Literal
 
-from deribit_keeper.protocol import ErrorCode, sign
+from deribit_keeper.protocol import ErrorCode
+from deribit_keeper.signatures import SignatureRejected, SignatureVerifier
 
 from .accounts import SimAccount, check_unique
 from .messages import RpcFault
-
-SIGNATURE_SKEW_S: Final = 5.0  # (choice, sheet "public/auth") timestamps further off get 13009
-MAX_NONCES_PER_CLIENT: Final = 10_000  # bounds memory; the oldest are forgotten first
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +64,7 @@ class Exchange:
         self._token_ttl_s = token_ttl_s
         self._account_cod = dict.fromkeys(self._accounts, False)
         self._tokens: dict[str, _Token] = {}
-        self._nonces: dict[str, dict[str, int]] = {}  # client_id -> nonce -> its timestamp (ms)
+        self._signatures = SignatureVerifier()
         self._sessions = itertools.count(1)
         self.issued_tokens: list[str] = []
 
@@ -120,10 +118,9 @@ class Exchange:
     ) -> Grant:
         """``grant_type: client_signature``: proof of the secret, which stays at home.
 
-        Checks run in this order: account, timestamp skew, signature, nonce reuse. A nonce is
-        remembered only once its signature verified, so nobody can burn another client's nonces.
-        Nonces whose timestamp has left the skew window are forgotten: a replay of them fails the
-        timestamp check anyway.
+        The account is checked first, then ``deribit_keeper.signatures.SignatureVerifier``
+        checks timestamp skew, signature and nonce reuse, in that order, with the rules the
+        gateway's local auth shares (SIGNATURE_SKEW_S, nonces remembered per client_id).
 
         Raises:
             RpcFault: 13004 for an unknown client_id; 13009 for a timestamp more than
@@ -133,20 +130,18 @@ class Exchange:
         account = self._accounts.get(client_id)
         if account is None:
             raise RpcFault(ErrorCode.INVALID_CREDENTIALS)
-        if abs(timestamp_ms / 1000 - wall_now) > SIGNATURE_SKEW_S:
-            raise RpcFault(ErrorCode.UNAUTHORIZED)
-        expected = sign(account.client_secret, timestamp_ms, nonce, data)
-        if not hmac.compare_digest(expected.encode(), signature.encode()):
-            raise RpcFault(ErrorCode.UNAUTHORIZED)
-        seen = self._nonces.setdefault(client_id, {})
-        horizon_ms = (wall_now - SIGNATURE_SKEW_S) * 1000
-        for old in [n for n, ts in seen.items() if ts < horizon_ms]:
-            del seen[old]
-        if nonce in seen:
-            raise RpcFault(ErrorCode.UNAUTHORIZED)
-        seen[nonce] = timestamp_ms
-        while len(seen) > MAX_NONCES_PER_CLIENT:
-            del seen[next(iter(seen))]
+        try:
+            self._signatures.verify(
+                client_id,
+                account.client_secret,
+                timestamp_ms,
+                nonce,
+                signature,
+                data,
+                wall_now=wall_now,
+            )
+        except SignatureRejected as rejected:
+            raise RpcFault(ErrorCode.UNAUTHORIZED) from rejected
         return self._issue(client_id, next(self._sessions), now=now, wall_now=wall_now)
 
     def grant_refresh_token(self, refresh_token: str, *, now: float, wall_now: float) -> Grant:
