@@ -846,6 +846,7 @@ def test_describe_summarises_each_account() -> None:
         "  heartbeat: every 10s; request timeout 5s",
         "  backoff: 0.5s doubling to 30s",
         "  on_shutdown: logout (private/logout first, Cancel-On-Disconnect does not fire)",
+        "  gateway: off",
     ]
 
 
@@ -949,6 +950,9 @@ _KNOWN_KEYS = [
     "client_secret_env",
     "http",
     "listen",
+    "gateway",
+    "clients",
+    "max_clients",
 ]
 _KEYS = st.sampled_from(_KNOWN_KEYS) | _JUNK_TEXT
 _JUNK = st.recursive(

@@ -96,7 +96,8 @@ def num(value: float) -> str:
     return str(value) if isinstance(value, int) else f"{value:g}"
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or ``localhost``: only this host can connect."""
     if host.lower() == "localhost":
         return True
     try:
@@ -122,13 +123,18 @@ def _is_ip(host: str, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address])
 
 def reach(host: str) -> str:
     """Who can connect to a listener on ``host``, in words, for ``deribit-keeper check``."""
-    if _is_loopback(host):
+    if is_loopback(host):
         return "loopback only"
     try:
         unspecified = ipaddress.ip_address(host.partition("%")[0]).is_unspecified
     except ValueError:
         unspecified = False
     return "every interface" if unspecified else "reachable from other hosts"
+
+
+def bind_address(host: str, port: int) -> str:
+    """``HOST:PORT`` as ``Checker.listen`` reads it back, an IPv6 host in brackets (``[::1]:0``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Checker:
@@ -236,7 +242,7 @@ class Checker:
             raise self.error(raw.path, "must not contain user:password@")
         if parts.query or parts.fragment:
             raise self.error(raw.path, "must not have a ?query or #fragment")
-        if parts.scheme == "ws" and not _is_loopback(host):
+        if parts.scheme == "ws" and not is_loopback(host):
             loopback = "a loopback host (127.0.0.0/8, ::1, localhost)"
             raise self.error(raw.path, f"ws:// is only allowed to {loopback}; use wss://")
         return text
@@ -323,8 +329,16 @@ class Checker:
             names.append(name)
         return _VAR_REF.sub(lambda m: self.environ[m.group(1)], text), names
 
-    def secret(self, own: dict[str, Raw], account_path: str) -> tuple[str, str]:
-        """The account's one secret and where it came from: ``env X``, ``file /p`` or ``inline``.
+    def client_id(self, raw: Raw) -> str:
+        """A client id, an account's or a local client's: ``${VAR}`` expanded, no whitespace."""
+        client_id, _ = self.expand(raw)
+        if not client_id or any(c.isspace() for c in client_id):
+            raise self.error(raw.path, "must be non-empty, without whitespace")
+        return client_id
+
+    def secret(self, own: dict[str, Raw], owner_path: str) -> tuple[str, str]:
+        """The one secret of ``own`` (an account or a local client) and where it came from:
+        ``env X``, ``file /p`` or ``inline``.
 
         A secret must be one line without surrounding whitespace: a stray space or a second line
         would otherwise surface much later as Deribit's opaque ``invalid_credentials``.
@@ -332,7 +346,7 @@ class Checker:
         given = [key for key in SECRET_KEYS if key in own]
         if len(given) != 1:
             problem = f"{' and '.join(given)} are set; keep exactly one"
-            raise self.error(account_path, problem if given else f"no secret: set one of {_ONE_OF}")
+            raise self.error(owner_path, problem if given else f"no secret: set one of {_ONE_OF}")
         raw = own[given[0]]
         if given[0] == "client_secret":
             value, names = self.expand(raw)

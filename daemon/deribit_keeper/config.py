@@ -4,7 +4,8 @@ Why it looks like this:
 
 * **Pure.** Nothing here touches the network or Trio; the only I/O is reading the config file and
   the secret files it names. A reload calls ``load_config`` again and the supervisor compares the
-  new ``AccountConfig`` values with the running ones (they compare by value, secrets included).
+  new ``AccountConfig`` values with the running ones (they compare by value, secrets included;
+  an account's ``gateway`` is compared on its own, so that a changed gateway keeps the session).
 * **One strict loader.** Every problem raises ``ConfigError`` with the message
   ``"<file>: <key path>: <problem>"``, e.g. ``config.yaml: accounts[1].heartbeat_interval: must be
   >= 10, got 5``. A value inherited from ``defaults`` is blamed where it was written
@@ -31,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, NamedTuple, NoReturn, SupportsIndex, get_args
 
+from ._config_gateway import GatewayChecker, describe_gateway
 from ._config_validate import SECRET_FILE_READABLE as SECRET_FILE_READABLE
-from ._config_validate import SECRET_KEYS, Checker, Raw, reach, type_name
+from ._config_validate import SECRET_KEYS, Raw, bind_address, reach, type_name
 from ._config_validate import ConfigWarning as ConfigWarning
 from .errors import ConfigError
 from .protocol import ENVIRONMENT_URLS, HEARTBEAT_MIN_S
@@ -43,6 +45,7 @@ Environment = Literal["test", "prod"]
 AuthMethod = Literal["signature", "credentials"]  # public/auth grant_type client_<method>
 CodScope = Literal["connection", "account"]  # scope of private/enable_cancel_on_disconnect
 ShutdownMode = Literal["close", "logout"]
+GatewayAuth = Literal["clients", "none"]  # "none" is written `auth: none`; "clients" is its absence
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/deribit-keeper/config.yaml")
 CONFIG_PATH_VAR: Final = "DERIBIT_KEEPER_CONFIG"
@@ -127,6 +130,9 @@ class AccountConfig:
     ``environment`` is None when ``url`` was given explicitly. ``secret_source`` says where the
     secret came from (``env VAR``, ``file /path``, ``inline``) for ``describe``; it takes no part
     in equality, so moving a secret from the environment to a file does not restart a session.
+    ``gateway`` (None: no gateway) takes no part in equality either, because the supervisor
+    compares gateways separately, so that a changed gateway block restarts the gateway but keeps
+    the upstream session.
     """
 
     name: str
@@ -141,6 +147,37 @@ class AccountConfig:
     request_timeout: float = 5.0
     backoff: BackoffConfig = BackoffConfig()
     secret_source: str = field(default="inline", compare=False)
+    gateway: GatewayConfig | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalClient:
+    """One local credential a trading engine authenticates to the gateway with; never Deribit's."""
+
+    client_id: str
+    client_secret: Secret
+    secret_source: str = field(default="inline", compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """An account's local endpoint, ``ws://HOST:PORT/ws/api/v2``, for trading engines.
+
+    ``host`` is bare, as in ``HttpConfig``. ``clients`` is empty exactly when ``auth`` is
+    ``"none"``, which the loader allows only on a loopback host. With ``cancel_on_disconnect``
+    every local link starts with local COD on; ``max_clients`` links may be open at once.
+    """
+
+    host: str
+    port: int
+    clients: tuple[LocalClient, ...] = ()
+    auth: GatewayAuth = "clients"
+    cancel_on_disconnect: bool = False
+    max_clients: int = 64
+
+    @property
+    def bind(self) -> str:
+        return bind_address(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +193,7 @@ class HttpConfig:
 
     @property
     def bind(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return bind_address(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +280,7 @@ def describe(config: KeeperConfig) -> list[str]:
             f"  heartbeat: every {a.heartbeat_interval:g}s; request timeout {a.request_timeout:g}s",
             f"  backoff: {a.backoff.initial:g}s doubling to {a.backoff.max:g}s",
             f"  on_shutdown: {a.on_shutdown} ({_SHUTDOWN_NOTES[a.on_shutdown]})",
+            f"  gateway: {describe_gateway(a.gateway)}",
         ]
     return lines
 
@@ -253,7 +291,12 @@ _TOP_KEYS: Final = ("log", "http", "defaults", "accounts")
 _LOG_KEYS: Final = ("level", "format")
 _HTTP_KEYS: Final = ("listen",)
 _BACKOFF_KEYS: Final = ("initial", "max")
-_IDENTITY_KEYS: Final = ("name", "client_id", *SECRET_KEYS)
+# What an account must set itself, never inherit, and why; all but `gateway` identify it.
+_OWN_KEYS: Final = {
+    **dict.fromkeys(("name", "client_id"), "it names one account"),
+    **dict.fromkeys(SECRET_KEYS, "give each account its own"),
+    "gateway": "every gateway needs its own port",
+}
 _SHARED_KEYS: Final = (
     *("environment", "url", "auth", "heartbeat_interval", "cancel_on_disconnect"),
     *("on_shutdown", "request_timeout", "backoff"),
@@ -279,7 +322,7 @@ class _Settings(NamedTuple):
     backoff: BackoffConfig
 
 
-class _Loader(Checker):
+class _Loader(GatewayChecker):
     """One validation pass over one document: sections, defaults, accounts and their merge."""
 
     def config(self, text: str) -> KeeperConfig:
@@ -304,6 +347,9 @@ class _Loader(Checker):
                 where = f"accounts[{first[account.name]}].name"
                 raise self.error(f"accounts[{i}].name", f"{account.name!r} is already {where}")
             first[account.name] = i
+        # No section, or one with every line commented out: no endpoint, as for log below.
+        endpoint = HttpConfig(*self.listen(http["listen"])) if "listen" in http else None
+        self.unique_listens(accounts, endpoint)
         return KeeperConfig(
             source=self.source,
             log=LogConfig(
@@ -311,17 +357,15 @@ class _Loader(Checker):
                 format=self.choice(log.get("format"), get_args(LogFormat), _LOG.format),
             ),
             accounts=tuple(accounts),
-            # No section, or one with every line commented out: no endpoint, as for log above.
-            http=HttpConfig(*self.listen(http["listen"])) if "listen" in http else None,
+            http=endpoint,
             warnings=tuple(self.warnings),
         )
 
     def defaults(self, raw: Raw) -> dict[str, Raw]:
         """The flattened ``defaults``; each value is checked even if every account overrides it."""
-        entries = self.mapping(raw, _SHARED_KEYS + _IDENTITY_KEYS, null_ok=True)
-        for key in _IDENTITY_KEYS:
+        entries = self.mapping(raw, (*_SHARED_KEYS, *_OWN_KEYS), null_ok=True)
+        for key, why in _OWN_KEYS.items():
             if key in entries:
-                why = "give each account its own" if key in SECRET_KEYS else "it names one account"
                 raise self.error(entries[key].path, f"may not be set in defaults; {why}")
         fields = self.flatten(entries)
         self.settings(fields, account_path=None)
@@ -337,7 +381,7 @@ class _Loader(Checker):
         return fields
 
     def account(self, raw: Raw, defaults: dict[str, Raw]) -> AccountConfig:
-        own = self.mapping(raw, _IDENTITY_KEYS + _SHARED_KEYS)
+        own = self.mapping(raw, (*_OWN_KEYS, *_SHARED_KEYS))
         for key in ("name", "client_id"):
             if key not in own:
                 raise self.error(f"{raw.path}.{key}", "required key is missing")
@@ -345,9 +389,7 @@ class _Loader(Checker):
         if not _NAME.fullmatch(name) or len(name) > NAME_MAX_LEN:
             why = f"must be 1 to {NAME_MAX_LEN} characters from A-Z a-z 0-9 _ . -"
             raise self.error(own["name"].path, f"{why}, got {name!r}")
-        client_id, _ = self.expand(own["client_id"])
-        if not client_id or any(c.isspace() for c in client_id):
-            raise self.error(own["client_id"].path, "must be non-empty, without whitespace")
+        client_id = self.client_id(own["client_id"])
         secret, secret_source = self.secret(own, raw.path)  # before the merge: never in defaults
         if own.keys() & _ENDPOINT_KEYS:  # the account picks its endpoint: inherit neither key
             defaults = {k: v for k, v in defaults.items() if k not in _ENDPOINT_KEYS}
@@ -358,6 +400,7 @@ class _Loader(Checker):
             client_secret=Secret(secret),
             secret_source=secret_source,
             **settings._asdict(),
+            gateway=self.gateway(own.get("gateway"), deribit_secret=secret),
         )
 
     def settings(self, fields: dict[str, Raw], *, account_path: str | None) -> _Settings:
