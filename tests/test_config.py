@@ -881,6 +881,7 @@ def test_example_yaml_documents_every_key() -> None:
     keys += ["backoff:", "initial:", "max:", "accounts:", "name:", "client_id:"]
     keys += ["client_secret:", "client_secret_file:", "client_secret_env:", "CREDENTIALS_DIRECTORY"]
     keys += ["http:", "listen:", "0.0.0.0", "config.secret_file_readable"]
+    keys += ["gateway:", "clients:", "max_clients:", "auth: none"]
     assert [key for key in keys if key not in text] == []
     assert "# url: ws://127.0.0.1:8765/ws/api/v2" in text
     assert "\n# http: {listen: 127.0.0.1:9464}\n" in text

@@ -20,10 +20,12 @@ from deribit_keeper.config import (
     Secret,
     describe,
     load_config,
+    parse_config,
 )
 from deribit_keeper.errors import ConfigError
 
 from .test_config import (
+    CONFIG_DIR,
     ENV,
     HEDGE,
     MAIN,
@@ -366,6 +368,38 @@ def test_describe_shows_each_gateway_without_secrets(tmp_path: Path) -> None:
     shown = repr(config) + str(config) + "\n".join(lines)
     for secret in (SECRET, LOCAL_SECRET, "ops-LOCAL-secret", "lit-LOCAL-secret"):
         assert secret not in shown
+
+
+# ---- the shipped example -----------------------------------------------------------------------
+
+
+def example_with_gateway(directory: Path, *, open_: bool = False) -> GatewayConfig | None:
+    """main's gateway in example.yaml with its block uncommented; ``open_`` swaps clients for
+    ``auth: none``. The example's hedge secret file is written to ``directory``."""
+    text = (CONFIG_DIR / "example.yaml").read_text()
+    start = text.index("    # gateway:\n")
+    end = text.index("\n\n", start)
+    block = [line.replace("    # ", "    ", 1) for line in text[start:end].splitlines()]
+    if open_:
+        first = next(i for i, line in enumerate(block) if line.startswith("      clients:"))
+        last = next(i for i, line in enumerate(block) if "exactly as for accounts" in line)
+        del block[first : last + 1]
+        block = [line.replace("      # auth: none", "      auth: none") for line in block]
+    (directory / "hedge.secret").write_text("hedge-from-file\n")
+    environ = {"DERIBIT_MAIN_SECRET": "main-from-env", "DERIBIT_ENGINE_SECRET": LOCAL_SECRET}
+    text = text[:start] + "\n".join(block) + text[end:]
+    config = parse_config(text, source=directory / "example.yaml", environ=environ)
+    return config.accounts[0].gateway
+
+
+def test_example_gateway_block_loads_when_uncommented(tmp_path: Path) -> None:
+    """The example's commented gateway gives what its comments promise, with clients or without."""
+    assert example_with_gateway(tmp_path) == GatewayConfig(
+        host="127.0.0.1", port=9601, clients=(LocalClient("engine", Secret(LOCAL_SECRET)),)
+    )
+    assert example_with_gateway(tmp_path, open_=True) == GatewayConfig(
+        host="127.0.0.1", port=9601, auth="none"
+    )
 
 
 # ---- no secret in any output -------------------------------------------------------------------
