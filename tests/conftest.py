@@ -30,9 +30,11 @@ from deribit_keeper.config import (
     AccountConfig,
     BackoffConfig,
     KeeperConfig,
+    LocalClient,
     LogConfig,
     Secret,
 )
+from deribit_keeper.gateway import local_auth
 from deribit_keeper.simulator import SimAccount, Simulator
 
 # Secrets chosen to be easy to grep for in any output.
@@ -41,7 +43,13 @@ SIM_ACCOUNTS = (
     SimAccount(name="hedge", client_id="hedge-id", client_secret="hedge-SECRET-do-not-log"),
     SimAccount(name="third", client_id="third-id", client_secret="third-SECRET-do-not-log"),
 )
-SECRETS = tuple(a.client_secret for a in SIM_ACCOUNTS)
+# The gateway's own local credentials, as an engine would hold them: never Deribit's.
+ENGINE = LocalClient("engine", Secret("engine-SECRET-do-not-log"))
+RESEARCH = LocalClient("research", Secret("research-SECRET-do-not-log"))
+SECRETS = (
+    *(a.client_secret for a in SIM_ACCOUNTS),
+    *(c.client_secret.reveal() for c in (ENGINE, RESEARCH)),
+)
 
 
 class LogLines:
@@ -83,13 +91,22 @@ def log_lines() -> LogLines:
 
 @pytest.fixture(autouse=True)
 def _no_secret_escapes(log_lines: LogLines, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Fail any test whose output shows a simulator's secret or a token it issued."""
+    """Fail any test whose output shows a secret, or a token a simulator or a gateway issued."""
+    from deribit_keeper.gateway import Gateway
     from deribit_keeper.session import Session
     from deribit_keeper.supervisor import Keeper
 
     simulators: list[Simulator] = []
     secrets: set[str] = set(SECRETS)
     built: list[object] = []
+    local_tokens: list[str] = []
+    real_new_token = local_auth.new_token
+
+    def new_token() -> str:
+        local_tokens.append(real_new_token())
+        return local_tokens[-1]
+
+    monkeypatch.setattr(local_auth, "new_token", new_token)
 
     def recording(cls: type[Any], record: Any) -> None:
         real = cls.__init__
@@ -107,6 +124,7 @@ def _no_secret_escapes(log_lines: LogLines, monkeypatch: pytest.MonkeyPatch) -> 
     recording(Simulator, simulator_built)
     recording(Session, lambda obj, _args: built.append(obj))
     recording(Keeper, lambda obj, _args: built.append(obj))
+    recording(Gateway, lambda obj, _args: built.append(obj))
     yield
     rendered = [log_lines.text]
     for obj in built:
@@ -115,7 +133,10 @@ def _no_secret_escapes(log_lines: LogLines, monkeypatch: pytest.MonkeyPatch) -> 
             rendered += [repr(obj.account), str(obj.snapshot())]
         if isinstance(obj, Keeper):
             rendered.append(repr(obj.config))
-    tokens = {token for sim in simulators for token in sim.issued_tokens}
+        if isinstance(obj, Gateway):
+            rendered += [repr(obj.auth), repr(obj.config), str(obj.snapshot())]
+            rendered += [repr(link) for link in obj.links.values()]
+    tokens = {token for sim in simulators for token in sim.issued_tokens} | set(local_tokens)
     for text in rendered:
         leaked = [s for s in secrets | tokens if s in text]
         assert not leaked, f"a secret or token reached the output: {text[:200]!r}"

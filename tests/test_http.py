@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
@@ -13,6 +13,7 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from deribit_keeper import __version__
+from deribit_keeper.gateway import Gateway
 from deribit_keeper.http import (
     HEALTH_PATH,
     METRICS_PATH,
@@ -154,7 +155,7 @@ async def test_status_shows_each_account(
         "total": 2,
     }
     main, hedge = status["accounts"]["main"], status["accounts"]["hedge"]
-    assert main == keeper.sessions["main"].snapshot()
+    assert main == {**keeper.sessions["main"].snapshot(), "gateway": None}
     assert (main["state"], main["ready"], main["reconnects"]) == ("backoff", False, 1)
     assert main["last_error"]["reason"] == "closed_by_server"
     assert main["seconds_since_last_message"] is None
@@ -240,6 +241,7 @@ async def test_a_burst_of_probes_never_reaches_the_simulator(
 class BrokenSource:
     sessions: dict[str, Session]
     metrics: KeeperMetrics
+    gateways: dict[str, Gateway] = field(default_factory=dict)
 
     def alive(self) -> bool:
         raise RuntimeError("a bug in alive()")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import prometheus_client
@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from deribit_keeper import __version__
+from deribit_keeper.gateway import Gateway
 from deribit_keeper.metrics import KeeperMetrics
 from deribit_keeper.session import Session, SessionState
 from deribit_keeper.simulator import SimConnection, Simulator
@@ -51,6 +52,7 @@ class KeeperStub:
     metrics: KeeperMetrics
     changes: Changes
     running: bool = True
+    gateways: dict[str, Gateway] = field(default_factory=dict)
 
     def alive(self) -> bool:
         return self.running

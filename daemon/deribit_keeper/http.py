@@ -21,6 +21,7 @@ import trio
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
 from . import __version__, events
+from .gateway import Gateway
 from .logs import get_logger
 from .metrics import KeeperMetrics
 from .serving import lifespan, serve_asgi
@@ -47,6 +48,9 @@ class StatusSource(Protocol):
 
     @property
     def metrics(self) -> KeeperMetrics: ...
+
+    @property
+    def gateways(self) -> Mapping[str, Gateway]: ...
 
     def alive(self) -> bool:
         """True while the supervisor loop runs and is not stopping."""
@@ -143,7 +147,11 @@ class _App:
 
     def _status(self) -> _Response:
         sessions = self._source.sessions
+        gateways = self._source.gateways
         accounts = {name: s.snapshot() for name, s in sessions.items()}
+        for name, account in accounts.items():
+            gateway = gateways.get(name)
+            account["gateway"] = None if gateway is None else gateway.snapshot()
         return _json(
             200,
             {

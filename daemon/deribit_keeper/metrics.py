@@ -11,6 +11,7 @@ process never see each other's series, and nothing lands in prometheus_client's 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
@@ -21,6 +22,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__, events
+from .gateway import Gateway
 from .session import Session, SessionState
 
 # One JSON-RPC round trip: about a millisecond to a nearby exchange, hundreds across an ocean,
@@ -39,6 +41,28 @@ SILENCE_HELP: Final = (
     "absent while there is no link"
 )
 UNKNOWN_REASON: Final = "unknown"
+LINKS_NAME: Final = "deribit_keeper_gateway_links"
+LINKS_HELP: Final = "Local links (engine WebSockets) open on the account's gateway now"
+# A method name comes from a local client: only Deribit-shaped names become label values, so a
+# misbehaving client cannot grow the series without bound (the gateway labels -32601 "other").
+_METHOD_LABEL: Final = re.compile(r"(public|private)/[a-z_]{1,64}")
+OTHER_METHOD: Final = "other"
+
+
+class _LinksCollector(Collector):
+    """How many local links each gateway has, read when Prometheus scrapes."""
+
+    def __init__(self, gateways: Mapping[str, Gateway]) -> None:
+        self._gateways = gateways
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(LINKS_NAME, LINKS_HELP, labels=["account"])
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(LINKS_NAME, LINKS_HELP, labels=["account"])
+        for name, gateway in self._gateways.items():
+            family.add_metric([name], len(gateway.links))
+        yield family
 
 
 class _SilenceCollector(Collector):
@@ -146,7 +170,42 @@ class KeeperMetrics:
         Info("deribit_keeper_build", "The running keeper's version", registry=r).info(
             {"version": __version__}
         )
+        self._gateways: dict[str, Gateway] = {}
+        self._relayed_labels: dict[str, set[tuple[str, str]]] = {}  # for forget_gateway()
+        self._relayed = Counter(
+            "deribit_keeper_gateway_requests",
+            "Requests of local clients relayed to Deribit, by method and outcome "
+            "(result, error: Deribit's answer; unavailable: 13028, not sent)",
+            ["account", "method", "outcome"],
+            registry=r,
+        )
+        self._relay_latency = Histogram(
+            "deribit_keeper_gateway_relay_duration_seconds",
+            "Time from relaying a local client's request upstream to Deribit's answer",
+            ["account"],
+            buckets=REQUEST_BUCKETS_S,
+            registry=r,
+        )
+        self._unavailable = Counter(
+            "deribit_keeper_gateway_unavailable",
+            "Local requests answered 13028 temporarily_unavailable: the upstream was not ready",
+            ["account"],
+            registry=r,
+        )
+        self._cod_fired = Counter(
+            "deribit_keeper_gateway_cod_fired",
+            "Local links that died with local COD on and open orders",
+            ["account"],
+            registry=r,
+        )
+        self._cod_cancelled = Counter(
+            "deribit_keeper_gateway_cod_cancelled_orders",
+            "Orders cancelled by local COD when the local link that created them died",
+            ["account"],
+            registry=r,
+        )
         r.register(_SilenceCollector(self._sessions))
+        r.register(_LinksCollector(self._gateways))
         # process_* (CPU, memory, open fds): what an operator expects of any exporter. Read from
         # /proc at scrape time, about the process only; nothing about the sessions.
         ProcessCollector(registry=r)
@@ -187,6 +246,44 @@ class KeeperMetrics:
         self._refreshes.remove(account)
         self._shown.pop(account, None)
         self._lost_reason.pop(account, None)
+
+    def track_gateway(self, gateway: Gateway) -> None:
+        """Show ``gateway``'s series from now on (a new one under a name replaces the old)."""
+        name = gateway.account
+        self.forget_gateway(name)
+        self._gateways[name] = gateway
+        self._relayed_labels[name] = set()
+        for counter in (self._unavailable, self._cod_fired, self._cod_cancelled):
+            counter.labels(name)
+        gateway.watch(self._observe_gateway)
+
+    def forget_gateway(self, account: str) -> None:
+        """Remove the series of ``account``'s gateway (its gateway block was removed)."""
+        if self._gateways.pop(account, None) is None:
+            return
+        for counter in (self._unavailable, self._cod_fired, self._cod_cancelled):
+            counter.remove(account)
+        self._relay_latency.remove(account)
+        for method, outcome in self._relayed_labels.pop(account, set()):
+            self._relayed.remove(account, method, outcome)
+
+    def on_relayed(self, account: str, method: str, outcome: str, seconds: float | None) -> None:
+        """Record one local request relayed (``seconds`` to its answer) or refused (None)."""
+        if account not in self._gateways:
+            return
+        label = method if _METHOD_LABEL.fullmatch(method) else OTHER_METHOD
+        self._relayed_labels[account].add((label, outcome))
+        self._relayed.labels(account, label, outcome).inc()
+        if seconds is None:
+            self._unavailable.labels(account).inc()
+        else:
+            self._relay_latency.labels(account).observe(seconds)
+
+    def _observe_gateway(self, gateway: Gateway, event: str, fields: Mapping[str, Any]) -> None:
+        if self._gateways.get(gateway.account) is not gateway or event != events.GATEWAY_COD_FIRED:
+            return
+        self._cod_fired.labels(gateway.account).inc()
+        self._cod_cancelled.labels(gateway.account).inc(int(fields.get("cancelled", 0)))
 
     def on_request(self, method: str, seconds: float) -> None:
         """Record one answered request; the hook the Keeper passes to every Session."""

@@ -7,7 +7,12 @@ nothing one account meets can cancel another. The Keeper does only what concerns
   within ``SHUTDOWN_DEADLINE_S`` even if Deribit never answers;
 * reload (SIGHUP): a new config is compared with the running one by account name; only the
   accounts that were added, removed or changed are touched, so an unchanged account keeps its
-  connection (no reconnect, no new auth, no COD firing).
+  connection (no reconnect, no new auth, no COD firing). Gateways are compared apart from the
+  rest of an account: a changed ``gateway`` block restarts the gateway (its local links closed
+  with 1012) and keeps the upstream session.
+* gateways: an account with a ``gateway`` block gets a ``Gateway`` that relays through whichever
+  Session the account has now; gateways live in their own nursery, beside the sessions, so a
+  session restarted by a reload finds its gateway still listening.
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 import trio
 
 from . import __version__, events, logs
-from .config import AccountConfig, HttpConfig, KeeperConfig, load_config
+from .config import AccountConfig, GatewayConfig, HttpConfig, KeeperConfig, load_config
 from .errors import ConfigError
+from .gateway import Gateway
 from .http import create_app, serve_http
 from .logs import get_logger
 from .metrics import KeeperMetrics
@@ -59,6 +66,7 @@ class ReloadResult:
     added: tuple[str, ...]
     removed: tuple[str, ...]
     changed: tuple[str, ...]
+    gateways: tuple[str, ...] = ()  # accounts whose gateway block was added, changed or removed
 
 
 class Keeper:
@@ -77,6 +85,7 @@ class Keeper:
         self.shard = shard
         self.config = self._narrow(config)
         self.sessions: dict[str, Session] = {}
+        self.gateways: dict[str, Gateway] = {}
         self.metrics = KeeperMetrics()
         self.http_port: int | None = None  # the bound port, once the endpoint listens
         self._environ = os.environ if environ is None else environ
@@ -88,9 +97,11 @@ class Keeper:
         self._ssl_context = ssl_context
         self._log = get_logger()
         self._sessions_nursery: trio.Nursery | None = None
+        self._gateways_nursery: trio.Nursery | None = None
         self._stop_requested = trio.Event()
         self._launched = trio.Event()  # a SIGHUP before this waits: there is nothing to reload
         self._relaunching: set[str] = set()
+        self._regating: set[str] = set()  # accounts whose new gateway waits for the old to end
         self._stopping = False
         self._running = False
 
@@ -126,12 +137,14 @@ class Keeper:
                 shard=None if self.shard is None else str(self.shard),
             )
             self._log_warnings(self.config)
-            async with trio.open_nursery() as sessions:
-                self._sessions_nursery = sessions
+            async with trio.open_nursery() as gateways, trio.open_nursery() as sessions:
+                self._gateways_nursery, self._sessions_nursery = gateways, sessions
                 self._running = True
-                # Keeps the nursery open while a reload or a shard leaves it with no account.
+                # Keep the nurseries open while a reload or a shard leaves them with nothing.
+                gateways.start_soon(self._stop_requested.wait)
                 sessions.start_soon(self._stop_requested.wait)
                 for account in self.config.accounts:
+                    self._start_gateway(account)  # first: an engine may connect at once
                     self._launch(account)
                 self._launched.set()
                 if self._stopping:  # stop() came before run()
@@ -153,8 +166,9 @@ class Keeper:
         Safe before ``run()``: the sessions then end as soon as they are launched.
         """
         if self._stopping:
-            if self._sessions_nursery is not None:
-                self._sessions_nursery.cancel_scope.cancel()
+            for nursery in (self._sessions_nursery, self._gateways_nursery):
+                if nursery is not None:
+                    nursery.cancel_scope.cancel()
             return
         self._stopping = True
         self._log.info(events.KEEPER_STOPPING, reason=reason, deadline_s=SHUTDOWN_DEADLINE_S)
@@ -176,6 +190,13 @@ class Keeper:
             added=tuple(sorted(new.keys() - old.keys())),
             removed=tuple(sorted(old.keys() - new.keys())),
             changed=tuple(sorted(n for n in old.keys() & new.keys() if old[n] != new[n])),
+            gateways=tuple(
+                sorted(
+                    n
+                    for n in old.keys() | new.keys()
+                    if _gateway_of(old.get(n)) != _gateway_of(new.get(n))
+                )
+            ),
         )
         self.config = config
         if config.log != logs.current():
@@ -203,6 +224,19 @@ class Keeper:
         for name, account in wanted.items():
             if name not in self.sessions:
                 self._launch(account)
+        self._converge_gateways(wanted)
+
+    def _converge_gateways(self, wanted: Mapping[str, AccountConfig]) -> None:
+        """The same for gateways: stop removed ones, restart changed ones, start added ones."""
+        for name, gateway in list(self.gateways.items()):
+            config = _gateway_of(wanted.get(name))
+            if config is None:
+                gateway.stop(1001, "gateway removed by reload")
+            elif config != gateway.config or gateway.stopping:
+                self._restart_gateway_after(gateway)
+        for account in wanted.values():
+            if account.gateway is not None and account.name not in self.gateways:
+                self._start_gateway(account)
 
     def reload_from_disk(self) -> ReloadResult | None:
         """Re-read the config file; on any problem log it and keep running exactly as before."""
@@ -218,6 +252,7 @@ class Keeper:
             added=list(result.added),
             removed=list(result.removed),
             changed=list(result.changed),
+            gateways_restarted=list(result.gateways),
             needs_restart=needs_restart,
         )
         return result
@@ -291,6 +326,9 @@ class Keeper:
         self.metrics.track(session)
         session.watch(self._state_changed)
         self.sessions[account.name] = session
+        gateway = self.gateways.get(account.name)
+        if gateway is not None:
+            gateway.attach(session)
         self._state_changed(session, events.SESSION_STOPPED, {})
         self._sessions_nursery.start_soon(
             self._run_session, session, name=f"session:{account.name}"
@@ -330,15 +368,70 @@ class Keeper:
         self._relaunching.add(name)
         self._sessions_nursery.start_soon(relaunch, name=f"relaunch:{name}")
 
+    def _start_gateway(self, account: AccountConfig) -> None:
+        """Start the account's gateway, if it has one, relaying through its current session."""
+        if account.gateway is None:
+            return
+        assert self._gateways_nursery is not None
+        gateway = Gateway(
+            account,
+            account.gateway,
+            wall_clock=self._wall_clock,
+            on_relayed=partial(self.metrics.on_relayed, account.name),
+        )
+        self.metrics.track_gateway(gateway)
+        self.gateways[account.name] = gateway
+        session = self.sessions.get(account.name)
+        if session is not None and not session.stop_requested:
+            gateway.attach(session)
+        self._gateways_nursery.start_soon(
+            self._run_gateway, gateway, name=f"gateway:{account.name}"
+        )
+
+    async def _run_gateway(self, gateway: Gateway) -> None:
+        try:
+            await gateway.run()
+        finally:
+            if self.gateways.get(gateway.account) is gateway:
+                del self.gateways[gateway.account]
+                self.metrics.forget_gateway(gateway.account)
+
+    def _restart_gateway_after(self, old: Gateway) -> None:
+        """Stop ``old`` (links closed with 1012); once its port is free, start what the config
+        then wants. The upstream session is not touched."""
+        assert self._gateways_nursery is not None
+        name = old.account
+        old.stop(1012, "gateway restarted by reload")
+        if name in self._regating:
+            return
+
+        async def restart() -> None:
+            try:
+                await old.stopped.wait()
+            finally:
+                self._regating.discard(name)
+            account = self._wanted().get(name)
+            if account is not None and not self._stopping and name not in self.gateways:
+                self._start_gateway(account)
+
+        self._regating.add(name)
+        self._gateways_nursery.start_soon(restart, name=f"regate:{name}")
+
     def _wanted(self) -> dict[str, AccountConfig]:
         return {a.name: a for a in self.config.accounts}
 
     def _begin_shutdown(self) -> None:
-        assert self._sessions_nursery is not None
+        assert self._sessions_nursery is not None and self._gateways_nursery is not None
         self._stop_requested.set()
+        # Local links first (1001, local COD does not fire), then the upstream links per
+        # on_shutdown: what the engine sent follows the upstream hop (COD, or kept by logout).
+        for gateway in self.gateways.values():
+            gateway.stop()
         for session in self.sessions.values():
             session.stop()
-        self._sessions_nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_DEADLINE_S
+        deadline = trio.current_time() + SHUTDOWN_DEADLINE_S
+        self._sessions_nursery.cancel_scope.deadline = deadline
+        self._gateways_nursery.cancel_scope.deadline = deadline
 
     async def _handle_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
         with trio.open_signal_receiver(*STOP_SIGNALS, RELOAD_SIGNAL) as received:
@@ -350,3 +443,7 @@ class Keeper:
                         await self._reload_with_systemd()
                 else:
                     self.stop(reason=signal.Signals(signum).name)
+
+
+def _gateway_of(account: AccountConfig | None) -> GatewayConfig | None:
+    return None if account is None else account.gateway

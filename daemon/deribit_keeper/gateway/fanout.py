@@ -1,0 +1,162 @@
+"""One upstream subscription per channel, shared by every local link that wants it.
+
+Deribit sends each notification once per connection that subscribed, and every local link of an
+account shares one upstream connection, so the keeper subscribes upstream once per channel,
+copies each notification to every link subscribed to it, and unsubscribes upstream when the
+last link leaves the channel (a link that ends leaves all its channels).
+
+Every change to who is subscribed to what happens under one lock, together with the upstream
+request it needs, so a subscribe racing the last unsubscribe of the same channel can never leave
+a link subscribed locally to a channel that is gone upstream.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from ..errors import NotReady, SessionLost
+from ..protocol import ErrorCode
+from .frames import LocalError, LocalRequest, get_channels, notification_frame
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+    from .link import LocalLink
+
+PRIVATE_PREFIX: Final = "user."  # the account's own channels: orders, trades, portfolio, ...
+
+
+def _check_allowed(link: LocalLink, method: str, channels: list[str]) -> None:
+    """An unauthenticated link never reads the account's private channels, though the upstream
+    connection could: 13778 for a ``.raw`` one, as Deribit answers, else 13009."""
+    if link.authenticated or method.startswith("private/"):
+        return  # private/ methods were checked for auth before they got here
+    for channel in channels:
+        if channel.startswith(PRIVATE_PREFIX):
+            if channel.endswith(".raw"):
+                raise LocalError(ErrorCode.RAW_SUBSCRIPTIONS_NOT_AVAILABLE)
+            raise LocalError(ErrorCode.UNAUTHORIZED)
+
+
+def _unique(channels: list[str]) -> list[str]:
+    return list(dict.fromkeys(channels))
+
+
+class Fanout:
+    """Which links are subscribed to which channel, for one account's gateway."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self._subscribers: dict[str, set[LocalLink]] = {}
+        self._lock = trio.Lock()
+
+    def channels(self) -> list[str]:
+        """The channels subscribed upstream now."""
+        return sorted(self._subscribers)
+
+    def deliver(self, params: Any) -> None:
+        """Copy one ``subscription`` notification to every link subscribed to its channel."""
+        channel = params.get("channel") if isinstance(params, dict) else None
+        links = self._subscribers.get(channel) if isinstance(channel, str) else None
+        if not links:
+            return
+        frame = notification_frame("subscription", params)
+        for link in list(links):
+            link.push(frame)
+
+    def reset(self) -> None:
+        """The upstream connection is gone, and its subscriptions with it."""
+        self._subscribers.clear()
+
+    async def change(self, link: LocalLink, request: LocalRequest, us_in: int) -> None:
+        """Answer one subscribe or unsubscribe request of ``link``."""
+        channels = _unique(get_channels(request.params))
+        if request.method.endswith("/subscribe"):
+            _check_allowed(link, request.method, channels)
+            await self._subscribe(link, request, channels, us_in)
+        else:
+            removed = await self._unsubscribe(link, request.method, channels)
+            link.reply(request.id, {"result": removed}, us_in)
+
+    def leave_all(self, link: LocalLink) -> None:
+        """Take ``link`` off all its channels, in the background (it may be ending)."""
+        channels = sorted(link.channels)
+        link.channels.clear()
+        if channels:
+            self._gateway.spawn(self._leave, link, channels)
+
+    async def _leave(self, link: LocalLink, channels: list[str]) -> None:
+        method = "private/unsubscribe" if any(map(_is_private, channels)) else "public/unsubscribe"
+        async with self._lock:
+            await self._drop(link, channels, method)
+
+    async def _subscribe(
+        self, link: LocalLink, request: LocalRequest, channels: list[str], us_in: int
+    ) -> None:
+        async with self._lock:
+            new = [c for c in channels if c not in self._subscribers]
+            answer: dict[str, Any] | None = None
+            if new:
+                answer = await self._upstream(request.method, new)
+                if "error" in answer:
+                    link.answer(request.id, answer)  # Deribit's refusal, passed through
+                    return
+                accepted = answer.get("result")
+                for channel in accepted if isinstance(accepted, list) else ():
+                    if isinstance(channel, str):
+                        self._subscribers.setdefault(channel, set())
+            granted = [c for c in channels if c in self._subscribers]
+            for channel in granted:
+                self._subscribers[channel].add(link)
+                link.channels.add(channel)
+        if answer is None:
+            link.reply(request.id, {"result": granted}, us_in)
+        else:
+            answer["result"] = granted
+            link.answer(request.id, answer)
+
+    async def _unsubscribe(self, link: LocalLink, method: str, channels: list[str]) -> list[str]:
+        removed = [c for c in channels if c in link.channels]
+        link.channels.difference_update(removed)
+        async with self._lock:
+            await self._drop(link, removed, method)
+        return removed
+
+    async def _drop(self, link: LocalLink, channels: list[str], method: str) -> None:
+        """Take ``link`` off ``channels``; unsubscribe upstream those nobody wants any more.
+
+        Called with the lock held. Deribit's answer to the upstream unsubscribe changes nothing
+        for the link, so only its failure to arrive is noticed (the upstream is then gone, and
+        its subscriptions with it).
+        """
+        emptied = []
+        for channel in channels:
+            links = self._subscribers.get(channel)
+            if links is None:
+                continue
+            links.discard(link)
+            if not links:
+                del self._subscribers[channel]
+                emptied.append(channel)
+        if emptied and self._gateway.upstream_ready():
+            try:
+                await self._upstream(method, emptied)
+            except LocalError:
+                pass  # not ready: the upstream subscriptions ended with its connection
+
+    async def _upstream(self, method: str, channels: list[str]) -> dict[str, Any]:
+        """One subscribe or unsubscribe upstream, answered as Deribit answered it.
+
+        Raises:
+            LocalError: 13028, the upstream is not ready or was lost meanwhile.
+        """
+        try:
+            relayed = await self._gateway.relay(method, {"channels": channels})
+            return await relayed.answer()
+        except (NotReady, SessionLost):
+            raise LocalError(ErrorCode.TEMPORARILY_UNAVAILABLE) from None
+
+
+def _is_private(channel: str) -> bool:
+    return channel.startswith(PRIVATE_PREFIX)

@@ -1,0 +1,67 @@
+"""The gateway's ASGI app: WebSocket handshakes on ``/ws/api/v2``, served by hypercorn.
+
+hypercorn does the HTTP and WebSocket protocol work (handshake, permessage-deflate, framing,
+the 1 MiB frame cap); this app only decides whether to accept a handshake and hands each
+accepted WebSocket to the gateway. A refused handshake gets an HTTP status, as Deribit refuses
+a 33rd connection with 429: 404 for another path, 429 past ``max_clients``, 503 while stopping.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Final
+
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+
+from ..serving import lifespan
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+
+API_PATH: Final = "/ws/api/v2"
+_REFUSALS: Final = {
+    404: "not found: the gateway serves ws://HOST:PORT/ws/api/v2",
+    429: "too many local links: max_clients reached",
+    503: "the gateway is stopping",
+}
+
+
+class GatewayApp:
+    """Accepts or refuses each handshake; every accepted WebSocket becomes a ``LocalLink``."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            status = self._gateway.admit(scope["path"])
+            if status is not None:
+                await _refuse(send, status)
+                return
+            await receive()  # websocket.connect
+            await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
+            client = scope.get("client")
+            peer = f"{client[0]}:{client[1]}" if client else "unknown"
+            await self._gateway.run_link(peer, receive, send)
+        else:
+            await _answer(send, 404, _REFUSALS[404])
+
+
+async def _refuse(send: ASGISendCallable, status: int) -> None:
+    """Deny a handshake with ``status`` (the ASGI WebSocket denial response)."""
+    body = json.dumps({"error": _REFUSALS[status]}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+
+
+async def _answer(send: ASGISendCallable, status: int, error: str) -> None:
+    """A plain HTTP answer, for anything that is not a WebSocket handshake."""
+    body = json.dumps({"error": error}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,66 @@
+"""Which open orders each local link created: what local COD cancels when the link dies.
+
+Deribit's COD knows which connection created an order. Through the gateway every order is
+created on the keeper's one upstream connection, so Deribit cannot tell the engine's links
+apart; the gateway keeps that record itself. It learns an order's id from the answers it relays
+(``private/buy``, ``private/sell``, ``private/edit``) and forgets the order once an answer or a
+``user.orders`` notification shows it is no longer open (filled, cancelled, rejected).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Final
+
+PLACING_METHODS: Final = frozenset({"private/buy", "private/sell", "private/edit"})
+OPEN_STATES: Final = frozenset({"open", "untriggered"})
+
+
+def orders_in(result: Any) -> Iterable[dict[str, Any]]:
+    """The order objects in an answer's result or a notification's data, whatever its shape:
+    ``{order, trades}``, one order, or a list of orders."""
+    if isinstance(result, dict):
+        order = result.get("order")
+        if isinstance(order, dict):
+            yield order
+        elif "order_id" in result:
+            yield result
+    elif isinstance(result, list):
+        for item in result:
+            if isinstance(item, dict) and "order_id" in item:
+                yield item
+
+
+class LinkOrders:
+    """The ids of the still-open orders one local link created."""
+
+    __slots__ = ("_open",)
+
+    def __init__(self) -> None:
+        self._open: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def open_ids(self) -> list[str]:
+        return sorted(self._open)
+
+    def learn(self, method: str, result: Any) -> None:
+        """Record what a relayed answer says about this link's orders."""
+        for order in orders_in(result):
+            order_id, state = order.get("order_id"), order.get("order_state")
+            if not isinstance(order_id, str):
+                continue
+            if state in OPEN_STATES and method in PLACING_METHODS:
+                self._open.add(order_id)
+            elif state not in OPEN_STATES:
+                self._open.discard(order_id)
+
+    def observe(self, data: Any) -> None:
+        """Forget orders that a notification (or another link's answer) shows closed."""
+        if not self._open:
+            return
+        for order in orders_in(data):
+            order_id = order.get("order_id")
+            if isinstance(order_id, str) and order.get("order_state") not in OPEN_STATES:
+                self._open.discard(order_id)
