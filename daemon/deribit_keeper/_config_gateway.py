@@ -81,16 +81,16 @@ class GatewayChecker(Checker):
             raise self.error(f"{raw.path}.listen", "required key is missing")
         host, port = self.listen(block["listen"])
         auth = self.gateway_auth(block, raw.path, host, port)
-        built = GatewayConfig(host, port)  # its defaults stand for the keys left out
+        plain = GatewayConfig(host, port)  # its field defaults stand for the keys left out
         return GatewayConfig(
             host=host,
             port=port,
             clients=() if auth == "none" else self.local_clients(block["clients"], deribit_secret),
             auth=auth,
             cancel_on_disconnect=self.flag(
-                block.get("cancel_on_disconnect"), built.cancel_on_disconnect
+                block.get("cancel_on_disconnect"), plain.cancel_on_disconnect
             ),
-            max_clients=self.count(block.get("max_clients"), built.max_clients, MAX_CLIENTS_LIMIT),
+            max_clients=self.count(block.get("max_clients"), plain.max_clients, MAX_CLIENTS_LIMIT),
         )
 
     def gateway_auth(self, block: dict[str, Raw], path: str, host: str, port: int) -> GatewayAuth:
