@@ -31,3 +31,4 @@ clean:
 # Measurements, not tests: the keeper and the simulator as separate processes on loopback.
 bench: $(STAMP)
 	$(BIN)/python bench/idle_sessions.py --accounts 500 --seconds 30
+	$(BIN)/python bench/gateway_roundtrip.py --requests 5000 --seconds 5
