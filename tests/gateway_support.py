@@ -18,7 +18,13 @@ from functools import partial
 from typing import Any
 
 import trio
-from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, wrap_client_stream
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    wrap_client_stream,
+)
 
 from deribit_keeper.config import AccountConfig, GatewayConfig, LocalClient
 from deribit_keeper.gateway import Gateway
@@ -223,6 +229,24 @@ async def local_client(
         finally:
             await trio.aclose_forcefully(stream)
             nursery.cancel_scope.cancel()
+
+
+async def refused_with(gateway: Gateway, path: str = "/ws/api/v2") -> int | None:
+    """The HTTP status a WebSocket handshake on ``path`` is refused with, or None if accepted."""
+    assert gateway.port is not None
+    status: int | None = None
+    stream = await trio.open_tcp_stream("127.0.0.1", gateway.port)
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(nursery, stream, "127.0.0.1", path)
+            await ws.aclose()
+    except* ConnectionRejected as refused:
+        rejection = refused.exceptions[0]
+        assert isinstance(rejection, ConnectionRejected)
+        status = rejection.status_code
+    finally:
+        await trio.aclose_forcefully(stream)
+    return status
 
 
 AUTHORIZED = (ENGINE, RESEARCH)

@@ -119,7 +119,8 @@ class LocalLink:
 
     @property
     def authenticated(self) -> bool:
-        return self.client_id is not None
+        """Whether private methods may be used: after a local auth, or always with auth none."""
+        return self.client_id is not None or not self._gateway.auth.required
 
     def snapshot(self) -> dict[str, Any]:
         """What /status shows of this link; no token, no secret."""
@@ -222,6 +223,8 @@ class LocalLink:
         if not request.method.startswith("private/"):
             return
         token = request.params.pop("access_token", None)
+        if not self._gateway.auth.required:
+            return
         if token is not None:
             if not isinstance(token, str) or self._gateway.auth.client_of(token) is None:
                 raise LocalError(ErrorCode.UNAUTHORIZED)

@@ -65,6 +65,11 @@ class LocalAuth:
         self._access: OrderedDict[str, str] = OrderedDict()  # token -> client_id
         self._refresh: OrderedDict[str, tuple[str, str]] = OrderedDict()  # -> client_id, scope
 
+    @property
+    def required(self) -> bool:
+        """False with ``auth: none``: every link may use private methods without an auth."""
+        return not self._open
+
     def __repr__(self) -> str:
         return f"<LocalAuth clients={sorted(self._secrets)} tokens={len(self._access)}>"
 
@@ -86,7 +91,7 @@ class LocalAuth:
         else:
             client_id = get_str(params, "client_id")
             self._check_signature(client_id, params, wall_now)
-        return self._issue(client_id, f"{scope} mainaccount" if scope else DEFAULT_SCOPE, scope)
+        return self._issue(client_id, _shown_scope(scope), scope)
 
     def client_of(self, access_token: str) -> str | None:
         """The client an access token was issued to, or None for a token this gateway never
@@ -137,3 +142,12 @@ class LocalAuth:
             while len(tokens) > MAX_TOKENS:
                 tokens.popitem(last=False)
         return grant
+
+
+def _shown_scope(asked: str) -> str:
+    """The scope a result reports: the one asked for (``session:NAME``, or the whole scope of an
+    earlier answer, as NautilusTrader sends it again on reconnect), with ``mainaccount``."""
+    if not asked:
+        return DEFAULT_SCOPE
+    words = asked.split()
+    return asked if "mainaccount" in words else " ".join([*words, "mainaccount"])
