@@ -34,6 +34,7 @@ class ErrorCode(IntEnum):
     RAW_SUBSCRIPTIONS_NOT_AVAILABLE = 13778
     ORDER_NOT_FOUND = 10004
     NOT_OPEN_ORDER = 11044
+    POST_ONLY_REJECT = 11054
     MISSING_PARAMS = -32000
     REQUEST_TOO_LARGE = -32600
     METHOD_NOT_FOUND = -32601
@@ -51,6 +52,7 @@ ERROR_MESSAGES: Final[dict[int, str]] = {
     ErrorCode.RAW_SUBSCRIPTIONS_NOT_AVAILABLE: "raw_subscriptions_not_available_for_unauthorized",
     ErrorCode.ORDER_NOT_FOUND: "order_not_found",
     ErrorCode.NOT_OPEN_ORDER: "not_open_order",
+    ErrorCode.POST_ONLY_REJECT: "post_only_reject",
     ErrorCode.MISSING_PARAMS: "Missing params",
     ErrorCode.REQUEST_TOO_LARGE: "request entity too large",
     ErrorCode.METHOD_NOT_FOUND: "Method not found",
