@@ -8,7 +8,7 @@ signature rules both sides must agree on), so the two cannot share a bug by shar
 
 from .accounts import SimAccount as SimAccount
 from .accounts import load_accounts as load_accounts
+from .records import SimConnection as SimConnection
 from .server import Simulator as Simulator
-from .session import SimConnection as SimConnection
 
 __all__ = ["SimAccount", "SimConnection", "Simulator", "load_accounts"]

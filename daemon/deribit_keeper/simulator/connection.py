@@ -1,8 +1,13 @@
-"""The I/O side of one simulated connection: reading frames, answering, heartbeats, closing.
+"""The I/O side of one simulated connection: reading frames, answering, notifying, closing.
 
 One ``ConnectionHandler`` runs per accepted WebSocket, inside its own nursery: a read loop, a
-heartbeat task while heartbeats are on, and a task per delayed answer. Every way a connection can
-end goes through one of two doors, so its ``SimConnection`` record is filled in exactly once:
+writer for its outbox of subscription notifications, a heartbeat task while heartbeats are on, a
+ticker task while it holds a ticker channel, and a task per delayed answer. Answers go straight
+to the socket; ``user.*`` notifications, which other connections' requests (or ends) cause, are
+queued in the outbox so that whoever causes them never waits on this client's socket. So
+**(choice)** a client must not rely on the order of an answer and the notifications the same
+request caused, as with Deribit. Every way a connection can end goes through one of two doors,
+so its ``SimConnection`` record is filled in exactly once:
 
 - the server ends it: anything (idle timer, unanswered test_request, logout, a fault, ``drop``)
   calls ``request_close``; ``run`` performs that close and records it;
@@ -15,14 +20,15 @@ server ended it abruptly: the socket is closed without a close frame, as when a 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import structlog
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 
 from .faults import Failure, Faults
+from .market import ticker_object
 from .messages import (
     BadFrame,
     Request,
@@ -32,7 +38,10 @@ from .messages import (
     parse_frame,
     result_frame,
 )
-from .session import Call, Dispatcher, Effect, LinkState, SimConnection
+from .orders import OrderEvent
+from .records import Call, Effect, LinkState, SimConnection
+from .session import Dispatcher
+from .subscriptions import TICKER_INTERVAL_S, tickers
 
 IDLE_TIMEOUT_S = 600.0  # Deribit closes a connection after 10 minutes without inbound traffic
 CLOSE_TIMEOUT_S = 5.0  # how long a clean close waits for the client's close frame
@@ -54,6 +63,9 @@ class ConnectionHandler:
         faults: the simulator-wide armed faults (failures and delays are consumed here).
         wall_clock: epoch seconds, for ``usIn``/``usOut``; durations use Trio time.
         notify: called after every change of state that ``Simulator.wait_for`` may be waiting on.
+        publish: hands order changes to every subscribed connection of their accounts.
+        on_end: called once, synchronously, the moment the connection's end is decided (after
+            ``record`` says how); Cancel On Disconnect happens there.
     """
 
     def __init__(
@@ -66,6 +78,8 @@ class ConnectionHandler:
         faults: Faults,
         wall_clock: Callable[[], float],
         notify: Callable[[], None],
+        publish: Callable[[Sequence[OrderEvent]], None],
+        on_end: Callable[[SimConnection], None],
     ) -> None:
         self.record = record
         self._ws = ws
@@ -74,13 +88,18 @@ class ConnectionHandler:
         self._faults = faults
         self._wall_clock = wall_clock
         self._notify = notify
+        self._publish = publish
+        self._on_end = on_end
         self._link = LinkState()
+        # Unbounded: what lands here was caused by requests, each adding a few frames at most.
+        self._outbox_in, self._outbox_out = trio.open_memory_channel[str](math.inf)
         self._silent = False
         self._test_requests_suppressed = False
         self._close_requested = trio.Event()
         self._close_code = 1000
         self._close_abrupt = False
         self._heartbeat_scope: trio.CancelScope | None = None
+        self._ticker_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
 
     def __repr__(self) -> str:
@@ -110,6 +129,13 @@ class ConnectionHandler:
         """From now on send no test_requests (and so never close for an unanswered one)."""
         self._test_requests_suppressed = True
 
+    def push(self, channel: str, data: Any) -> None:
+        """Queue a subscription notification; dropped once the connection is ending."""
+        if self.closing or self.record.closed_by is not None:
+            return
+        frame = notification_frame("subscription", {"channel": channel, "data": data})
+        self._outbox_in.send_nowait(frame)
+
     async def send_raw(self, text: str) -> None:
         """Send any text frame, even while silent (a fault is deliberate).
 
@@ -124,6 +150,7 @@ class ConnectionHandler:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._read_loop, nursery.cancel_scope)
+                nursery.start_soon(self._write_outbox)
                 await self._close_requested.wait()
                 await self._close()
                 nursery.cancel_scope.cancel()
@@ -151,6 +178,7 @@ class ConnectionHandler:
         record.close_code = code
         record.abrupt = code is None
         record.cod_fired = record.cod_enabled and not record.logged_out
+        self._on_end(record)
 
     def _finish(self) -> None:
         record = self.record
@@ -246,12 +274,18 @@ class ConnectionHandler:
                 self.request_close(1000)
             self._notify()
             return
+        if reply.events:
+            self._publish(reply.events)
         if reply.effect is Effect.CLOSE_WITHOUT_ANSWER:
             self.request_close(1000)
         else:
             if reply.effect is Effect.HEARTBEAT_CHANGED:
                 await self._restart_heartbeats()
+            elif reply.effect is Effect.SUBSCRIPTIONS_CHANGED:
+                await self._update_ticker()
             await self._send(result_frame(request.id, reply.result, us_in, self._micros()))
+            for channel, data in reply.notices:
+                self.push(channel, data)
         self._notify()
 
     async def _restart_heartbeats(self) -> None:
@@ -281,6 +315,38 @@ class ConnectionHandler:
                 self.record.test_requests_sent += 1
                 await self._send(notification_frame("heartbeat", {"type": "test_request"}))
                 self._notify()
+
+    async def _update_ticker(self) -> None:
+        """Run the ticker task exactly while the connection holds a ticker channel.
+
+        Only then: a ticker that always ran would keep Trio's autojump clock busy forever.
+        """
+        wanted = bool(tickers(self.record.channels))
+        if wanted and self._ticker_scope is None and self._nursery is not None:
+            self._ticker_scope = await self._nursery.start(self._ticker)
+        elif not wanted and self._ticker_scope is not None:
+            self._ticker_scope.cancel()
+            self._ticker_scope = None
+
+    async def _ticker(self, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        """Every TICKER_INTERVAL_S, one ticker per ticker channel held, at a steady pace."""
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            due = trio.current_time()
+            while True:
+                due += TICKER_INTERVAL_S
+                await trio.sleep_until(due)
+                if self.closing:
+                    continue
+                wall_now = self._wall_clock()
+                for channel, instrument in tickers(self.record.channels):
+                    data = ticker_object(instrument, wall_now=wall_now)
+                    params = {"channel": channel, "data": data}
+                    await self._send(notification_frame("subscription", params))
+
+    async def _write_outbox(self) -> None:
+        async for frame in self._outbox_out:
+            await self._send(frame)
 
     async def _send(self, text: str) -> None:
         if self._silent:

@@ -1,8 +1,11 @@
-"""The Simulator: a Deribit WebSocket endpoint of our own, with faults on demand.
+"""The Simulator: a Deribit WebSocket endpoint of our own, with an exchange and faults on demand.
 
 It serves ``ws://host:port/ws/api/v2`` over plain TCP, one ``ConnectionHandler`` per accepted
 WebSocket, and exposes what tests need to assert on (``connections``, ``issued_tokens``,
-``account_cod``), to wait on (``wait_for``) and to break (``fail_next``, ``drop``, ...).
+``account_cod``, ``orders``, ``open_orders``), to wait on (``wait_for``) and to break or drive
+(``fail_next``, ``drop``, ``fill``, ...). It is also where order changes fan out to the
+subscribed connections of their account, and where Cancel On Disconnect cancels a connection's
+orders when it ends.
 
 TCP is accepted with ``trio.serve_listeners`` and wrapped with trio-websocket's
 ``wrap_server_stream`` rather than handed to ``serve_websocket``: keeping the TCP stream is what
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import structlog
@@ -27,7 +30,10 @@ from .accounts import SimAccount
 from .connection import CLOSE_TIMEOUT_S, ConnectionHandler
 from .exchange import Exchange
 from .faults import Faults
-from .session import Dispatcher, SimConnection
+from .orders import Order, OrderBook, OrderEvent
+from .records import SimConnection
+from .session import Dispatcher
+from .subscriptions import fan_out
 
 API_PATH = "/ws/api/v2"
 HANDSHAKE_TIMEOUT_S = 10.0  # a client that opens TCP but never finishes the handshake is dropped
@@ -62,7 +68,8 @@ class Simulator:
             raise ValueError(f"max_connections_per_ip must be >= 1, got {max_connections_per_ip}")
         self._exchange = Exchange(accounts, token_ttl_s=token_ttl_s)
         self._faults = Faults()
-        self._dispatcher = Dispatcher(self._exchange, self._faults)
+        self._book = OrderBook()
+        self._dispatcher = Dispatcher(self._exchange, self._faults, self._book)
         self._wall_clock = wall_clock
         self._host = host
         self._max_per_ip = max_connections_per_ip
@@ -99,6 +106,29 @@ class Simulator:
         """The stored account-level COD setting of ``client_id`` (KeyError if unknown)."""
         return self._exchange.account_cod(client_id)
 
+    def orders(self, client_id: str, *, conn: SimConnection | None = None) -> list[dict[str, Any]]:
+        """Every order of ``client_id`` in any state, oldest first, as Deribit shows them.
+
+        With ``conn``, only the orders that connection created. The dicts are fresh copies.
+
+        Raises:
+            KeyError: no account has this client_id.
+        """
+        return [order.wire() for order in self._orders_of(client_id, conn)]
+
+    def open_orders(
+        self, client_id: str, *, conn: SimConnection | None = None
+    ) -> list[dict[str, Any]]:
+        """Like ``orders``, but only those still open."""
+        return [order.wire() for order in self._orders_of(client_id, conn) if order.is_open]
+
+    def _orders_of(self, client_id: str, conn: SimConnection | None) -> list[Order]:
+        if all(account.client_id != client_id for account in self._exchange.accounts):
+            raise KeyError(client_id)
+        return self._book.orders(
+            lambda o: o.client_id == client_id and (conn is None or o.conn_id == conn.id)
+        )
+
     async def serve(
         self, port: int = 0, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -125,8 +155,9 @@ class Simulator:
         """Return once ``predicate()`` is true.
 
         It is re-checked after every change of simulator state (connection opened or closed,
-        request recorded or answered, heartbeat sent, handshake refused), never by polling; so it
-        must depend only on simulator state. Wrap it in ``trio.fail_after`` to bound the wait.
+        request recorded or answered, heartbeat sent, handshake refused, an order placed, changed
+        or cancelled), never by polling; so it must depend only on simulator state. Wrap it in
+        ``trio.fail_after`` to bound the wait.
         """
         while not predicate():
             await self._changed.wait()
@@ -158,6 +189,21 @@ class Simulator:
     def refuse_handshakes(self, n: int, status: int = 429) -> None:
         """Reject the next ``n`` WebSocket handshakes with HTTP ``status``."""
         self._faults.refuse_handshakes(n, status)
+
+    def fill(self, order_id: str) -> dict[str, Any]:
+        """Play a counterparty: fill the open order ``order_id`` in full at its own price.
+
+        Resting orders never trade otherwise (the simulated book never moves). Subscribers of
+        the order's account hear of it on ``user.orders`` and ``user.portfolio`` as usual.
+        Returns the filled order.
+
+        Raises:
+            KeyError: no order has this id.
+            ValueError: the order is no longer open.
+        """
+        outcome = self._book.fill(order_id, wall_now=self._wall_clock())
+        self._publish(outcome.events)
+        return outcome.order
 
     async def drop(self, conn: SimConnection, *, abrupt: bool = False) -> None:
         """End ``conn`` from the server side and return once it has ended.
@@ -206,6 +252,31 @@ class Simulator:
         """Wake every ``wait_for`` so it re-checks its predicate."""
         self._changed.set()
         self._changed = trio.Event()
+
+    def _publish(self, events: Sequence[OrderEvent]) -> None:
+        """Queue each order change on every open connection of its account that subscribed."""
+        for handler in list(self._live.values()):
+            record = handler.record
+            if record.client_id is None or record.closed_by is not None:
+                continue
+            mine = [event for event in events if event.client_id == record.client_id]
+            for channel, data in fan_out(record.channels, mine) if mine else ():
+                handler.push(channel, data)
+        self._notify()
+
+    def _connection_ended(self, record: SimConnection) -> None:
+        """Cancel On Disconnect: cancel the open orders this connection created, only those."""
+        if not record.cod_fired:
+            return
+        events = self._book.cancel_where(
+            lambda order: order.conn_id == record.id,
+            reason="cancel_on_disconnect",
+            wall_now=self._wall_clock(),
+        )
+        record.cod_cancelled = [event.order["order_id"] for event in events]
+        if events:
+            _log.info("simulator.cod_cancelled", conn=record.id, orders=record.cod_cancelled)
+        self._publish(events)
 
     async def _handle_tcp(self, stream: trio.SocketStream) -> None:
         """Run the handshake, then the connection, for one accepted TCP stream."""
@@ -275,6 +346,8 @@ class Simulator:
             faults=self._faults,
             wall_clock=self._wall_clock,
             notify=self._notify,
+            publish=self._publish,
+            on_end=self._connection_ended,
         )
         self.connections.append(record)
         self._live[record.id] = handler

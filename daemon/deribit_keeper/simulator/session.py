@@ -1,17 +1,16 @@
-"""What one simulated connection knows, and how each JSON-RPC method changes it.
+"""How each JSON-RPC method changes what the simulator knows: the ``Dispatcher``.
 
-``SimConnection`` is the record tests read; ``LinkState`` holds what tests must not see (the
-access token); ``Dispatcher`` answers one request by changing those and the exchange. There is no
-I/O here: a method returns a ``Reply`` whose ``effect`` tells the connection what to do on the
-wire besides answering (restart heartbeats, or close without answering after a logout).
+The Dispatcher answers the session methods itself (hello, test, auth, heartbeats, COD, logout)
+and hands the rest to ``trading`` (orders, instruments) and ``subscriptions`` (channels). There
+is no I/O here: a method returns a ``Reply`` (see ``records``) whose ``effect`` tells the
+connection what to do on the wire besides answering (restart heartbeats, start or stop the
+ticker, or close without answering after a logout) and whose ``events`` it publishes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any, Final, Literal
+from typing import Final
 
 from deribit_keeper.protocol import API_VERSION, HEARTBEAT_MIN_S, ErrorCode
 
@@ -27,74 +26,13 @@ from .messages import (
     opt_bool,
     opt_str,
 )
+from .orders import OrderBook
+from .records import Call, Effect, LinkState, Reply, SimConnection
+from .subscriptions import SubscriptionMethods
+from .trading import TradingMethods
 
 COD_SCOPES: Final = ("connection", "account")
 GRANT_TYPES: Final = ("client_credentials", "client_signature", "refresh_token")
-
-
-@dataclass(eq=False)
-class SimConnection:
-    """The record of one accepted WebSocket, for tests to read (never to write).
-
-    ``cod_fired`` is set when the connection ended while its COD was active and it had not logged
-    out: the moment Deribit would cancel the orders this connection created. Times are Trio time.
-    ``repr`` leaves out ``requests``, whose params may hold a secret.
-    """
-
-    id: int
-    opened_at: float
-    requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list, repr=False)
-    client_id: str | None = None
-    cod_enabled: bool = False
-    heartbeat_interval: float | None = None
-    test_requests_sent: int = 0
-    test_requests_answered: int = 0
-    open: bool = True
-    closed_by: Literal["client", "server"] | None = None
-    close_code: int | None = None
-    abrupt: bool = False
-    logged_out: bool = False
-    cod_fired: bool = False
-    closed_at: float | None = None
-
-    def methods(self) -> list[str]:
-        """The methods of the well-formed requests received, in arrival order."""
-        return [method for method, _ in self.requests]
-
-
-@dataclass(slots=True)
-class LinkState:
-    """Per-connection state that is nobody's business but the simulator's."""
-
-    access_token: str | None = field(default=None, repr=False)
-    test_outstanding: bool = False  # a test_request was sent and no public/test came since
-
-
-class Effect(Enum):
-    """What the connection must do on the wire besides sending the answer."""
-
-    NONE = "none"
-    HEARTBEAT_CHANGED = "heartbeat_changed"  # (re)start or stop heartbeats per the record
-    CLOSE_WITHOUT_ANSWER = "close_without_answer"  # private/logout
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A method's result and the effect that goes with it."""
-
-    result: Any
-    effect: Effect = Effect.NONE
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """One request as a method sees it: who it came over, and what time it is."""
-
-    params: dict[str, Any]
-    conn: SimConnection
-    link: LinkState
-    now: float  # Trio time
-    wall_now: float  # epoch seconds
 
 
 class Dispatcher:
@@ -103,9 +41,10 @@ class Dispatcher:
     Args:
         exchange: accounts, tokens and account-level COD, shared by all connections.
         faults: consulted for ``misreport_cod``; failures and delays are applied by the caller.
+        book: every account's orders, shared by all connections.
     """
 
-    def __init__(self, exchange: Exchange, faults: Faults) -> None:
+    def __init__(self, exchange: Exchange, faults: Faults, book: OrderBook) -> None:
         self._exchange = exchange
         self._faults = faults
         self._methods: dict[str, Callable[[Call], Reply]] = {
@@ -119,6 +58,8 @@ class Dispatcher:
             "private/get_cancel_on_disconnect": self._get_cod,
             "private/logout": self._logout,
         }
+        self._methods.update(TradingMethods(book, self._client).methods())
+        self._methods.update(SubscriptionMethods(self._client, self._maybe_client).methods())
 
     def handle(self, method: str, call: Call) -> Reply:
         """Answer one request.
@@ -137,10 +78,17 @@ class Dispatcher:
         The connection's own auth is used unless the request carries ``access_token``, which then
         must be valid itself (Deribit accepts either on a WebSocket).
         """
+        client_id = self._maybe_client(call)
+        if client_id is None:
+            raise RpcFault(ErrorCode.UNAUTHORIZED)
+        return client_id
+
+    def _maybe_client(self, call: Call) -> str | None:
+        """Like ``_client``, but None when the request has no auth at all (13009 for bad auth)."""
         if "access_token" in call.params:
             return self._exchange.client_of(get_str(call.params, "access_token"), now=call.now)
         if call.link.access_token is None:
-            raise RpcFault(ErrorCode.UNAUTHORIZED)
+            return None
         return self._exchange.client_of(call.link.access_token, now=call.now)
 
     def _hello(self, call: Call) -> Reply:
