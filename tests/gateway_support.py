@@ -50,7 +50,7 @@ def gateway_account(
 
 
 async def until(keeper: Keeper, predicate: Callable[[], bool]) -> None:
-    """Wait, without polling, until ``predicate()`` holds after some session or gateway event."""
+    """Wait until ``predicate()`` holds: checked after every session or gateway event."""
     changed = trio.Event()
 
     def poke(*_: object) -> None:
@@ -68,7 +68,10 @@ async def until(keeper: Keeper, predicate: Callable[[], bool]) -> None:
                 gateway.watch(poke)
         if predicate():
             return
-        await changed.wait()
+        # A gateway the keeper starts later (a reload's) is not watched yet when the wait
+        # begins: look again after a virtual second too. autojump makes that free.
+        with trio.move_on_after(1):
+            await changed.wait()
         changed = trio.Event()
 
 
@@ -213,14 +216,23 @@ class Client:
 
 @asynccontextmanager
 async def local_client(
-    gateway: Gateway, *, answer_heartbeats: bool = True, path: str = "/ws/api/v2"
+    gateway: Gateway, *, answer_heartbeats: bool = True
 ) -> AsyncIterator[Client]:
     """A connected local client with its reader running; closed politely on the way out."""
     assert gateway.port is not None
+    async with connect(gateway.port, answer_heartbeats=answer_heartbeats) as client:
+        yield client
+
+
+@asynccontextmanager
+async def connect(
+    port: int, *, answer_heartbeats: bool = True, path: str = "/ws/api/v2"
+) -> AsyncIterator[Client]:
+    """A client of whatever serves Deribit's API on ``port``: a gateway, or the simulator."""
     async with trio.open_nursery() as nursery:
-        stream = await trio.open_tcp_stream("127.0.0.1", gateway.port)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
         try:
-            ws = await wrap_client_stream(nursery, stream, f"127.0.0.1:{gateway.port}", path)
+            ws = await wrap_client_stream(nursery, stream, f"127.0.0.1:{port}", path)
             client = Client(ws, stream, answer_heartbeats=answer_heartbeats)
             nursery.start_soon(client.read)
             yield client

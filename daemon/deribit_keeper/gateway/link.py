@@ -73,8 +73,11 @@ class End(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Closing:
+    """How a link ended. ``code`` is the close code the keeper sent, None when the client
+    ended it (hypercorn reports 1006 for a clean close and a reset alike, so it tells nothing)."""
+
     end: End
-    code: int
+    code: int | None
     reason: str
 
 
@@ -134,7 +137,7 @@ class LocalLink:
             "subscriptions": sorted(self.channels),
         }
 
-    def close(self, end: End, code: int, reason: str) -> None:
+    def close(self, end: End, code: int | None, reason: str) -> None:
         """End the link with ``code`` (the first call wins); ``serve`` sends the close frame."""
         if self.closing is None:
             self.closing = Closing(end, code, reason)
@@ -161,8 +164,8 @@ class LocalLink:
                 await self._read(receive)
             nursery.cancel_scope.cancel()
         self._outbox.close()
-        closing = self.closing or Closing(End.CLIENT_CLOSED, 1006, "closed by the client")
-        if closing.end is not End.CLIENT_CLOSED:
+        closing = self.closing or Closing(End.CLIENT_CLOSED, None, "closed by the client")
+        if closing.code is not None:
             with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
                 scope.shield = True
                 await send(
@@ -174,7 +177,7 @@ class LocalLink:
         while True:
             event = await receive()
             if event["type"] == "websocket.disconnect":
-                self.close(End.CLIENT_CLOSED, int(event.get("code", 1006)), "closed by the client")
+                self.close(End.CLIENT_CLOSED, None, "closed by the client")
                 return
             if event["type"] == "websocket.receive":
                 text = event.get("text")
