@@ -85,6 +85,7 @@ async def test_a_dead_local_link_with_local_cod_has_its_orders_cancelled_and_onl
                 await sim.wait_for(lambda: len(sim.open_orders("main-id")) == 1)
     [left] = sim.open_orders("main-id")
     assert left["order_id"] == kept["order_id"]
+    await until(keeper, lambda: bool(log_lines.events("gateway.cod_fired")))
     for order in doomed:
         [now] = [o for o in sim.orders("main-id") if o["order_id"] == order["order_id"]]
         assert (now["order_state"], now["cancel_reason"]) == ("cancelled", "user_request")
@@ -235,3 +236,29 @@ async def test_sigterm_with_logout_keeps_the_gateways_orders(
     await sim.wait_for(lambda: not link.open)
     assert link.logged_out and not link.cod_fired
     assert [o["order_id"] for o in sim.open_orders("main-id")] == [order["order_id"]]
+
+
+async def test_an_order_still_unanswered_when_its_link_dies_is_cancelled_too(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+) -> None:
+    """The engine crashes between sending a buy and its answer: local COD waits for the answer,
+    learns the order's id from it, and cancels it."""
+    keeper = await run_keeper(nursery, gateway_account(sim))
+    async with local_client(keeper.gateways["main"]) as engine:
+        await engine.auth()
+        await engine.result("private/enable_cancel_on_disconnect")
+        sim.delay_next("private/buy", 0.3)
+        params = {"instrument_name": "BTC-PERPETUAL", "amount": 10, "price": 40000}
+        await engine.send("private/buy", params, id=77)
+        await sim.wait_for(lambda: "private/buy" in upstream(sim).methods())
+        await engine.abort()
+    with trio.fail_after(1):
+        await sim.wait_for(lambda: bool(sim.orders("main-id")) and not sim.open_orders("main-id"))
+    [order] = sim.orders("main-id")
+    assert order["order_state"] == "cancelled"
+    await until(keeper, lambda: bool(log_lines.events("gateway.cod_fired")))
+    [fired] = log_lines.events("gateway.cod_fired")
+    assert fired["cancelled"] == 1

@@ -135,6 +135,8 @@ class Gateway:
                         while self.links:
                             await self._links_changed.wait()
                     server.cancel_scope.cancel()
+                # What is left (answers still awaited, COD cancels) gets one request timeout.
+                background.cancel_scope.deadline = trio.current_time() + self.request_timeout
         finally:
             self.port = None
             self._emit(logging.INFO, events.GATEWAY_STOPPED, listen=self.config.bind)
@@ -201,16 +203,20 @@ class Gateway:
             scope=link.scope,
         )
 
-    def spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
-        """Run ``fn`` beside the links, bounded by the account's request timeout."""
+    def spawn(self, fn: Callable[..., Awaitable[None]], *args: Any, bounded: bool = True) -> None:
+        """Run ``fn`` beside the links, outliving the link that asked; ``bounded`` by the
+        account's request timeout, else by the upstream link's life (a relayed answer)."""
         if self._nursery is None:
             return
 
-        async def bounded() -> None:
+        async def within_timeout() -> None:
             with trio.move_on_after(self.request_timeout):
                 await fn(*args)
 
-        self._nursery.start_soon(bounded)
+        if bounded:
+            self._nursery.start_soon(within_timeout)
+        else:
+            self._nursery.start_soon(fn, *args)
 
     def admit(self, path: str) -> int | None:
         """The HTTP status to refuse a WebSocket handshake with, or None to accept it."""
@@ -246,14 +252,16 @@ class Gateway:
             code=closing.code,
             open_orders=open_orders,
         )
-        if closing.end.fires_cod and link.cod and open_orders:
+        if closing.end.fires_cod and link.cod and (open_orders or link.placing):
             self.spawn(self._fire_cod, link)
 
     # ---- the two hops' COD --------------------------------------------------------------------
 
     async def _fire_cod(self, link: LocalLink) -> None:
-        """Cancel, through the upstream connection, every order ``link`` created that is open."""
+        """Cancel, through the upstream connection, every order ``link`` created that is open,
+        including those whose answers were still on their way when the link died."""
         cancelled = 0
+        await link.all_placed()
 
         async def cancel(order_id: str) -> None:
             nonlocal cancelled

@@ -25,6 +25,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
 from ..errors import NotReady, SessionLost
 from ..protocol import API_VERSION, HEARTBEAT_MIN_S, ErrorCode
+from ..rpc import Relayed
 from .frames import (
     NO_ID,
     LocalError,
@@ -40,7 +41,7 @@ from .frames import (
     relayed_frame,
 )
 from .local_auth import LocalGrant
-from .orders import LinkOrders
+from .orders import PLACING_METHODS, LinkOrders
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -100,6 +101,8 @@ class LocalLink:
         self._outbox, self._outbox_out = trio.open_memory_channel[str](OUTBOX_FRAMES)
         self._in_flight = trio.Semaphore(MAX_IN_FLIGHT)
         self._test_outstanding = False
+        self._placing = 0
+        self._placed = trio.Event()
         self._heartbeat_scope: trio.CancelScope | None = None
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
@@ -142,6 +145,16 @@ class LocalLink:
         if self.closing is None:
             self.closing = Closing(end, code, reason)
         self._scope.cancel()
+
+    @property
+    def placing(self) -> int:
+        """Orders sent (buy, sell, edit) whose answers have not come yet."""
+        return self._placing
+
+    async def all_placed(self) -> None:
+        """Return once every buy, sell or edit this link sent has been answered or lost."""
+        while self._placing:
+            await self._placed.wait()
 
     def push(self, frame: str) -> None:
         """Queue a frame for the client; a client that stopped reading is closed."""
@@ -246,10 +259,16 @@ class LocalLink:
             self._in_flight.release()
             self._gateway.refused(request.method)
             raise LocalError(ErrorCode.TEMPORARILY_UNAVAILABLE) from None
-        assert self._nursery is not None
-        self._nursery.start_soon(self._deliver, relayed, request)
+        if request.method in PLACING_METHODS:
+            # Its answer is awaited even if this link dies meanwhile: local COD must learn the
+            # order's id to cancel it. Other answers are of no use to a dead link.
+            self._placing += 1
+            self._gateway.spawn(self._deliver, relayed, request, bounded=False)
+        else:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._deliver, relayed, request)
 
-    async def _deliver(self, relayed: Any, request: LocalRequest) -> None:
+    async def _deliver(self, relayed: Relayed, request: LocalRequest) -> None:
         sent = trio.current_time()
         try:
             answer = await relayed.answer()
@@ -257,6 +276,11 @@ class LocalLink:
             return  # the upstream link died: this link is being closed with 1013
         finally:
             self._in_flight.release()
+            if request.method in PLACING_METHODS:
+                self._placing -= 1
+                if not self._placing:
+                    self._placed.set()
+                    self._placed = trio.Event()
         self.orders.learn(request.method, answer.get("result"))
         self._gateway.relayed(request.method, answer, trio.current_time() - sent)
         self.answer(request.id, answer)
