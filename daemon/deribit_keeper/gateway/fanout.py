@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from ..errors import NotReady, SessionLost
+from ..jsonrpc import Request, RpcFault, notification_frame
 from ..protocol import ErrorCode
-from .frames import LocalError, LocalRequest, get_channels, notification_frame
+from .frames import get_channels
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -35,8 +36,8 @@ def _check_allowed(link: LocalLink, method: str, channels: list[str]) -> None:
     for channel in channels:
         if channel.startswith(PRIVATE_PREFIX):
             if channel.endswith(".raw"):
-                raise LocalError(ErrorCode.RAW_SUBSCRIPTIONS_NOT_AVAILABLE)
-            raise LocalError(ErrorCode.UNAUTHORIZED)
+                raise RpcFault(ErrorCode.RAW_SUBSCRIPTIONS_NOT_AVAILABLE)
+            raise RpcFault(ErrorCode.UNAUTHORIZED)
 
 
 def _unique(channels: list[str]) -> list[str]:
@@ -69,7 +70,7 @@ class Fanout:
         """The upstream connection is gone, and its subscriptions with it."""
         self._subscribers.clear()
 
-    async def change(self, link: LocalLink, request: LocalRequest, us_in: int) -> None:
+    async def change(self, link: LocalLink, request: Request, us_in: int) -> None:
         """Answer one subscribe or unsubscribe request of ``link``."""
         channels = _unique(get_channels(request.params))
         if request.method.endswith("/subscribe"):
@@ -77,7 +78,7 @@ class Fanout:
             await self._subscribe(link, request, channels, us_in)
         else:
             removed = await self._unsubscribe(link, request.method, channels)
-            link.reply(request.id, {"result": removed}, us_in)
+            link.reply(request.id, removed, us_in)
 
     def leave_all(self, link: LocalLink) -> None:
         """Take ``link`` off all its channels, in the background (it may be ending)."""
@@ -92,7 +93,7 @@ class Fanout:
             await self._drop(link, channels, method)
 
     async def _subscribe(
-        self, link: LocalLink, request: LocalRequest, channels: list[str], us_in: int
+        self, link: LocalLink, request: Request, channels: list[str], us_in: int
     ) -> None:
         async with self._lock:
             new = [c for c in channels if c not in self._subscribers]
@@ -111,7 +112,7 @@ class Fanout:
                 self._subscribers[channel].add(link)
                 link.channels.add(channel)
         if answer is None:
-            link.reply(request.id, {"result": granted}, us_in)
+            link.reply(request.id, granted, us_in)
         else:
             answer["result"] = granted
             link.answer(request.id, answer)
@@ -142,20 +143,20 @@ class Fanout:
         if emptied and self._gateway.upstream_ready():
             try:
                 await self._upstream(method, emptied)
-            except LocalError:
+            except RpcFault:
                 pass  # not ready: the upstream subscriptions ended with its connection
 
     async def _upstream(self, method: str, channels: list[str]) -> dict[str, Any]:
         """One subscribe or unsubscribe upstream, answered as Deribit answered it.
 
         Raises:
-            LocalError: 13028, the upstream is not ready or was lost meanwhile.
+            RpcFault: 13028, the upstream is not ready or was lost meanwhile.
         """
         try:
             relayed = await self._gateway.relay(method, {"channels": channels})
             return await relayed.answer()
         except (NotReady, SessionLost):
-            raise LocalError(ErrorCode.TEMPORARILY_UNAVAILABLE) from None
+            raise RpcFault(ErrorCode.TEMPORARILY_UNAVAILABLE) from None
 
 
 def _is_private(channel: str) -> bool:

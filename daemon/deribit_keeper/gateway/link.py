@@ -24,22 +24,22 @@ import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
 from ..errors import NotReady, SessionLost
-from ..protocol import API_VERSION, HEARTBEAT_MIN_S, ErrorCode
-from ..rpc import Relayed
-from .frames import (
-    NO_ID,
-    LocalError,
-    LocalRequest,
-    UnreadableFrame,
-    answer_frame,
+from ..jsonrpc import (
+    BadFrame,
+    Request,
+    RpcFault,
+    error_frame,
     get_choice,
     get_number,
     get_str,
     invalid,
     notification_frame,
-    parse_request,
-    relayed_frame,
+    parse_frame,
+    result_frame,
 )
+from ..protocol import API_VERSION, HEARTBEAT_MIN_S, ErrorCode
+from ..rpc import Relayed
+from .frames import relayed_frame
 from .local_auth import LocalGrant
 from .orders import PLACING_METHODS, LinkOrders
 
@@ -106,7 +106,7 @@ class LocalLink:
         self._heartbeat_scope: trio.CancelScope | None = None
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
-        self._local: dict[str, Callable[[LocalRequest], Any]] = {
+        self._local: dict[str, Callable[[Request], Any]] = {
             "public/auth": self._auth,
             "public/hello": self._hello,
             "public/test": self._test,
@@ -203,9 +203,9 @@ class LocalLink:
     async def _on_frame(self, raw: str | bytes) -> None:
         us_in = self._gateway.micros()
         try:
-            request = parse_request(raw)
-        except UnreadableFrame as bad:
-            self.reply(bad.request_id, {"error": bad.error.error_object()}, us_in)
+            request = parse_frame(raw)
+        except BadFrame as bad:
+            self.refuse(bad.request_id, bad.fault, us_in)
             return
         handler = self._local.get(request.method)
         try:
@@ -215,25 +215,32 @@ class LocalLink:
                 if result is _NO_ANSWER:
                     return
                 if result is not _RELAY:
-                    self.reply(request.id, {"result": result}, us_in)
+                    self.reply(request.id, result, us_in)
                     return
             if request.method in SUBSCRIBE_METHODS:
                 await self._gateway.fanout.change(self, request, us_in)
             else:
                 await self._relay(request)
-        except LocalError as error:
-            self.reply(request.id, {"error": error.error_object()}, us_in)
+        except RpcFault as error:
+            self.refuse(request.id, error, us_in)
 
-    def reply(self, request_id: Any, body: dict[str, Any], us_in: int) -> None:
+    def reply(self, request_id: Any, result: Any, us_in: int) -> None:
+        """An answer the keeper gives itself, in Deribit's envelope."""
+        gateway = self._gateway
         self.push(
-            answer_frame(request_id, body, us_in, self._gateway.micros(), self._gateway.testnet)
+            result_frame(request_id, result, us_in, gateway.micros(), testnet=gateway.testnet)
         )
+
+    def refuse(self, request_id: Any, fault: RpcFault, us_in: int) -> None:
+        """An error answer of the keeper's own, in Deribit's envelope."""
+        now, testnet = self._gateway.micros(), self._gateway.testnet
+        self.push(error_frame(request_id, fault, us_in, now, testnet=testnet))
 
     def answer(self, request_id: Any, answer: dict[str, Any]) -> None:
         """Pass one of Deribit's answers on, under the client's own id."""
         self.push(relayed_frame(request_id, answer))
 
-    def _check_private(self, request: LocalRequest) -> None:
+    def _check_private(self, request: Request) -> None:
         """A private method needs the link's auth, or a valid ``access_token`` of this gateway
         in its params (which is then removed: Deribit never sees a local token)."""
         if not request.method.startswith("private/"):
@@ -243,22 +250,22 @@ class LocalLink:
             return
         if token is not None:
             if not isinstance(token, str) or self._gateway.auth.client_of(token) is None:
-                raise LocalError(ErrorCode.UNAUTHORIZED)
+                raise RpcFault(ErrorCode.UNAUTHORIZED)
         elif not self.authenticated:
-            raise LocalError(ErrorCode.UNAUTHORIZED)
+            raise RpcFault(ErrorCode.UNAUTHORIZED)
 
-    async def _relay(self, request: LocalRequest) -> None:
+    async def _relay(self, request: Request) -> None:
         """Send the request upstream now, in arrival order; deliver its answer when it comes."""
         if not self._gateway.upstream_ready():
             self._gateway.refused(request.method)
-            raise LocalError(ErrorCode.TEMPORARILY_UNAVAILABLE)
+            raise RpcFault(ErrorCode.TEMPORARILY_UNAVAILABLE)
         await self._in_flight.acquire()
         try:
             relayed = await self._gateway.relay(request.method, request.params)
         except (NotReady, SessionLost):
             self._in_flight.release()
             self._gateway.refused(request.method)
-            raise LocalError(ErrorCode.TEMPORARILY_UNAVAILABLE) from None
+            raise RpcFault(ErrorCode.TEMPORARILY_UNAVAILABLE) from None
         if request.method in PLACING_METHODS:
             # Its answer is awaited even if this link dies meanwhile: local COD must learn the
             # order's id to cancel it. Other answers are of no use to a dead link.
@@ -268,7 +275,7 @@ class LocalLink:
             assert self._nursery is not None
             self._nursery.start_soon(self._deliver, relayed, request)
 
-    async def _deliver(self, relayed: Relayed, request: LocalRequest) -> None:
+    async def _deliver(self, relayed: Relayed, request: Request) -> None:
         sent = trio.current_time()
         try:
             answer = await relayed.answer()
@@ -287,56 +294,56 @@ class LocalLink:
 
     # ---- methods the keeper answers itself -------------------------------------------------
 
-    def _auth(self, request: LocalRequest) -> Any:
+    def _auth(self, request: Request) -> Any:
         grant = self._gateway.auth.authenticate(request.params, wall_now=self._gateway.wall_clock())
         self.client_id, self.scope, self.grant = grant.client_id, grant.scope, grant
         self._gateway.authenticated(self)
         return grant.result()
 
-    def _hello(self, request: LocalRequest) -> Any:
+    def _hello(self, request: Request) -> Any:
         get_str(request.params, "client_name")
         get_str(request.params, "client_version")
         return {"version": API_VERSION}
 
-    def _test(self, request: LocalRequest) -> Any:
+    def _test(self, request: Request) -> Any:
         self._test_outstanding = False  # any public/test answers the test_request
         if "expected_result" in request.params:
             get_choice(request.params, "expected_result", ("exception",))
-            raise LocalError(ErrorCode.TEMPORARILY_UNAVAILABLE)  # as the simulator chooses
+            raise RpcFault(ErrorCode.TEMPORARILY_UNAVAILABLE)  # as the simulator chooses
         return {"version": API_VERSION}
 
-    def _set_heartbeat(self, request: LocalRequest) -> Any:
+    def _set_heartbeat(self, request: Request) -> Any:
         interval = get_number(request.params, "interval")
         if not math.isfinite(interval) or interval < HEARTBEAT_MIN_S:
             raise invalid("interval", f"must be at least {HEARTBEAT_MIN_S}")
         self._restart_heartbeats(interval)
         return "ok"
 
-    def _disable_heartbeat(self, request: LocalRequest) -> Any:
+    def _disable_heartbeat(self, request: Request) -> Any:
         self._restart_heartbeats(None)
         return "ok"
 
-    def _cod_scope(self, request: LocalRequest) -> str:
+    def _cod_scope(self, request: Request) -> str:
         return get_choice(request.params, "scope", COD_SCOPES, "connection")
 
-    def _enable_cod(self, request: LocalRequest) -> Any:
+    def _enable_cod(self, request: Request) -> Any:
         return self._set_cod(request, True)
 
-    def _disable_cod(self, request: LocalRequest) -> Any:
+    def _disable_cod(self, request: Request) -> Any:
         return self._set_cod(request, False)
 
-    def _set_cod(self, request: LocalRequest, enabled: bool) -> Any:
+    def _set_cod(self, request: Request, enabled: bool) -> Any:
         if self._cod_scope(request) == "account":
             return _RELAY
         self.cod = enabled
         return "ok"
 
-    def _get_cod(self, request: LocalRequest) -> Any:
+    def _get_cod(self, request: Request) -> Any:
         if self._cod_scope(request) == "account":
             return _RELAY
         return {"scope": "connection", "enabled": self.cod}
 
-    def _logout(self, request: LocalRequest) -> Any:
+    def _logout(self, request: Request) -> Any:
         """Deribit answers a logout by closing the link, and COD does not fire: the same here."""
         invalidate = request.params.get("invalidate_token", True)
         if not isinstance(invalidate, bool):
@@ -346,7 +353,7 @@ class LocalLink:
         self.close(End.LOGOUT, 1000, "logout")
         return _NO_ANSWER
 
-    def _unsubscribe_all(self, request: LocalRequest) -> Any:
+    def _unsubscribe_all(self, request: Request) -> Any:
         self._gateway.fanout.leave_all(self)
         return "ok"
 
@@ -386,4 +393,4 @@ def _iso(wall: float) -> str:
     return moment.replace("+00:00", "Z")
 
 
-__all__ = ["NO_ID", "End", "LocalLink"]
+__all__ = ["End", "LocalLink"]

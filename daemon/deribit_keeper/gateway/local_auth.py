@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ..config import GatewayConfig
+from ..jsonrpc import RpcFault, get_choice, get_int, get_str, opt_str
 from ..protocol import ErrorCode
 from ..signatures import SignatureRejected, SignatureVerifier
-from .frames import LocalError, get_choice, get_int, get_str, opt_str
 
 GRANT_TYPES: Final = ("client_credentials", "client_signature", "refresh_token")
 TOKEN_LIFE_S: Final = 31_536_000  # what Deribit's production answers report (sheet: public/auth)
@@ -77,7 +77,7 @@ class LocalAuth:
         """Answer one ``public/auth``.
 
         Raises:
-            LocalError: 13004 for an unknown client id or a wrong secret; 13009 for a bad
+            RpcFault: 13004 for an unknown client id or a wrong secret; 13009 for a bad
                 signature, a stale timestamp, a reused nonce or an unknown refresh token;
                 -32000/-32602 for missing or mistyped params.
         """
@@ -108,7 +108,7 @@ class LocalAuth:
             return
         secret = self._secrets.get(client_id)
         if secret is None or not hmac.compare_digest(secret.reveal().encode(), given.encode()):
-            raise LocalError(ErrorCode.INVALID_CREDENTIALS)
+            raise RpcFault(ErrorCode.INVALID_CREDENTIALS)
 
     def _check_signature(self, client_id: str, params: dict[str, Any], wall_now: float) -> None:
         timestamp = get_int(params, "timestamp")
@@ -118,19 +118,19 @@ class LocalAuth:
             return
         secret = self._secrets.get(client_id)
         if secret is None:
-            raise LocalError(ErrorCode.INVALID_CREDENTIALS)
+            raise RpcFault(ErrorCode.INVALID_CREDENTIALS)
         try:
             self._verifier.verify(
                 client_id, secret.reveal(), timestamp, nonce, signature, data, wall_now=wall_now
             )
         except SignatureRejected:
-            raise LocalError(ErrorCode.UNAUTHORIZED) from None
+            raise RpcFault(ErrorCode.UNAUTHORIZED) from None
 
     def _redeem(self, refresh_token: str, scope: str) -> tuple[str, str]:
         """A refresh token is good once; the new grant keeps its scope unless another is asked."""
         entry = self._refresh.pop(refresh_token, None)
         if entry is None:
-            raise LocalError(ErrorCode.UNAUTHORIZED)
+            raise RpcFault(ErrorCode.UNAUTHORIZED)
         client_id, old_scope = entry
         return client_id, scope or old_scope
 

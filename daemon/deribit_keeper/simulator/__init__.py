@@ -2,8 +2,9 @@
 
 Tests, the demo and users run it in-process (``port = await nursery.start(sim.serve, 0)``) or
 from the CLI. It follows ../shared/deribit-protocol.md message for message and imports nothing of
-the keeper but ``deribit_keeper.protocol`` and ``deribit_keeper.signatures`` (the facts and the
-signature rules both sides must agree on), so the two cannot share a bug by sharing other code.
+the keeper but ``deribit_keeper.protocol``, ``deribit_keeper.signatures`` and
+``deribit_keeper.jsonrpc`` (the facts, the signature rules and the framing rules both sides must
+agree on), so the two cannot share a bug by sharing other code.
 """
 
 from .accounts import SimAccount as SimAccount

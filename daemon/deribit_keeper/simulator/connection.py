@@ -27,9 +27,7 @@ import structlog
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 
-from .faults import Failure, Faults
-from .market import ticker_object
-from .messages import (
+from deribit_keeper.jsonrpc import (
     BadFrame,
     Request,
     RpcFault,
@@ -38,6 +36,9 @@ from .messages import (
     parse_frame,
     result_frame,
 )
+
+from .faults import Failure, Faults
+from .market import ticker_object
 from .orders import OrderEvent
 from .records import Call, Effect, LinkState, SimConnection
 from .session import Dispatcher

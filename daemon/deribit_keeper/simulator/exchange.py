@@ -14,11 +14,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from deribit_keeper.jsonrpc import RpcFault
 from deribit_keeper.protocol import ErrorCode
 from deribit_keeper.signatures import SignatureRejected, SignatureVerifier
 
 from .accounts import SimAccount, check_unique
-from .messages import RpcFault
 
 
 @dataclass(frozen=True, slots=True)

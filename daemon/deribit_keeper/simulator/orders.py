@@ -28,10 +28,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from deribit_keeper.jsonrpc import RpcFault
 from deribit_keeper.protocol import ErrorCode
 
 from .market import Instrument
-from .messages import RpcFault
 
 TIME_IN_FORCE: Final = ("good_til_cancelled", "good_til_day", "fill_or_kill", "immediate_or_cancel")
 RESTING: Final = ("good_til_cancelled", "good_til_day")

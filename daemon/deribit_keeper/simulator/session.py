@@ -12,11 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
-from deribit_keeper.protocol import API_VERSION, HEARTBEAT_MIN_S, ErrorCode
-
-from .exchange import Exchange, Grant
-from .faults import Faults
-from .messages import (
+from deribit_keeper.jsonrpc import (
     RpcFault,
     get_choice,
     get_int,
@@ -26,6 +22,10 @@ from .messages import (
     opt_bool,
     opt_str,
 )
+from deribit_keeper.protocol import API_VERSION, HEARTBEAT_MIN_S, ErrorCode
+
+from .exchange import Exchange, Grant
+from .faults import Faults
 from .orders import OrderBook
 from .records import Call, Effect, LinkState, Reply, SimConnection
 from .subscriptions import SubscriptionMethods

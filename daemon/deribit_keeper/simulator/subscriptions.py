@@ -28,10 +28,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from deribit_keeper.jsonrpc import RpcFault, invalid
 from deribit_keeper.protocol import ErrorCode
 
 from .market import CURRENCIES, INSTRUMENTS, Instrument, portfolio_object
-from .messages import RpcFault, invalid
 from .orders import OrderEvent
 from .records import Call, Effect, Reply
 

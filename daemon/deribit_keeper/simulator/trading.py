@@ -2,7 +2,7 @@
 
 Every private method here acts on the account the request is authenticated as (13009 without
 auth, as for every private method); an account sees and touches only its own orders. Params are
-read with the strict readers of ``messages``: absent is -32000, present but wrong is -32602
+read with the strict readers of ``jsonrpc``: absent is -32000, present but wrong is -32602
 naming the param. **(choice)** Only limit orders are simulated: another ``type`` is -32602
 ``type``; an ``instrument_name`` the simulator does not list is -32602 ``instrument_name``;
 ``amount`` and ``price`` must be positive (no contract-size or tick check); ``post_only`` with
@@ -16,11 +16,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final
 
+from deribit_keeper.jsonrpc import (
+    RpcFault,
+    get_choice,
+    get_number,
+    get_str,
+    invalid,
+    opt_bool,
+    opt_str,
+)
 from deribit_keeper.protocol import ErrorCode
 
 from .market import CURRENCIES, INSTRUMENTS, Instrument, currency_object, instrument_object
 from .market import instruments_of as market_instruments
-from .messages import RpcFault, get_choice, get_number, get_str, invalid, opt_bool, opt_str
 from .orders import TIME_IN_FORCE, Direction, Order, OrderBook, OrderEvent, Outcome
 from .records import Call, Reply
 

@@ -1,8 +1,9 @@
-"""JSON-RPC framing for the simulator: reading frames and params, building answers.
+"""Deribit's JSON-RPC framing as a server speaks it: reading frames and params, building answers.
 
-Kept apart from the method logic so that every frame the simulator sends has the envelope
-Deribit's recorded traffic shows (../shared/deribit-protocol.md, "Message shapes"), whichever
-method or fault produced it. Nothing here does I/O.
+Two servers speak it: the simulator (as Deribit) and the keeper's gateway (as the engine's own
+Deribit). Both must read a client's frames by the same rules and answer with the envelope
+Deribit's recorded traffic shows (../shared/deribit-protocol.md, "Message shapes"), so the rules
+live here once, below both, beside ``protocol.py``. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final
 
-from deribit_keeper.protocol import ERROR_MESSAGES, MAX_FRAME_BYTES, ErrorCode
+from .protocol import ERROR_MESSAGES, MAX_FRAME_BYTES, ErrorCode
 
 
 class _NoId(Enum):
@@ -109,32 +110,37 @@ def parse_frame(raw: str | bytes) -> Request:
     return Request(id=request_id, method=document["method"], params=params)
 
 
-def _dumps(frame: dict[str, Any]) -> str:
+def dumps(frame: dict[str, Any]) -> str:
+    """Compact JSON, as Deribit sends it."""
     return json.dumps(frame, separators=(",", ":"))
 
 
-def _envelope(request_id: Any, body: dict[str, Any], us_in: int, us_out: int) -> str:
+def _envelope(request_id: Any, body: dict[str, Any], us_in: int, us_out: int, testnet: bool) -> str:
     frame: dict[str, Any] = {"jsonrpc": "2.0"}
     if request_id is not NO_ID:
         frame["id"] = request_id
     frame.update(body)
-    frame.update({"usIn": us_in, "usOut": us_out, "usDiff": us_out - us_in, "testnet": True})
-    return _dumps(frame)
+    frame.update({"usIn": us_in, "usOut": us_out, "usDiff": us_out - us_in, "testnet": testnet})
+    return dumps(frame)
 
 
-def result_frame(request_id: Any, result: Any, us_in: int, us_out: int) -> str:
+def result_frame(
+    request_id: Any, result: Any, us_in: int, us_out: int, *, testnet: bool = True
+) -> str:
     """A success answer with Deribit's envelope (``usIn``, ``usOut``, ``usDiff``, ``testnet``)."""
-    return _envelope(request_id, {"result": result}, us_in, us_out)
+    return _envelope(request_id, {"result": result}, us_in, us_out, testnet)
 
 
-def error_frame(request_id: Any, fault: RpcFault, us_in: int, us_out: int) -> str:
+def error_frame(
+    request_id: Any, fault: RpcFault, us_in: int, us_out: int, *, testnet: bool = True
+) -> str:
     """An error answer; ``request_id`` NO_ID leaves the ``id`` key out entirely."""
-    return _envelope(request_id, {"error": fault.error_object()}, us_in, us_out)
+    return _envelope(request_id, {"error": fault.error_object()}, us_in, us_out, testnet)
 
 
-def notification_frame(method: str, params: dict[str, Any]) -> str:
+def notification_frame(method: str, params: Any) -> str:
     """A server notification: no ``id``, and no ``usIn``/``usOut``/``testnet``."""
-    return _dumps({"jsonrpc": "2.0", "method": method, "params": params})
+    return dumps({"jsonrpc": "2.0", "method": method, "params": params})
 
 
 # Param readers. A missing param is -32000 "Missing params"; a present one of the wrong type or
