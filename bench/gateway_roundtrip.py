@@ -5,10 +5,18 @@ more hop (a WebSocket frame read, parsed, relayed over the keeper's session, and
 written back). The issue sets targets for that cost: at most 150 us added at p50 and 1 ms at
 p99. This measures it the only honest way on a noisy machine: the simulator and the keeper run as
 separate processes on loopback (so the keeper's work is its own), and this process sends the same
-request to the gateway and to the simulator directly, alternating one after the other, so both
-series see the same noise. Then it drives pipelined load through 1 and 8 local links, and the
-same load at the simulator directly, for the throughput one account can carry. The simulator
-script and the /proc CPU reader are idle_sessions.py's, so both benchmarks measure alike.
+request to the gateway and to the simulator directly, one after the other, so both series see
+the same noise. Then it drives pipelined load through 1 and 8 local links, and the same load at
+the simulator directly, for the throughput one account can carry. The simulator script and the
+/proc CPU reader are idle_sessions.py's, so both benchmarks measure alike.
+
+Part of any hop's cost is not the gateway's: WebSocket framing in Python, Trio's scheduling, a
+send() per frame. To tell that floor from the gateway's own work, two bare relays run beside
+the keeper, each its own process (bare_relay.py): one WebSocket in, one trio-websocket client
+out per connection, every message copied both ways unparsed. ``bare`` accepts with
+trio-websocket's server, ``bare-hc`` with hypercorn (as the gateway does). The same request goes
+through all four paths in every round, in a shuffled order, so the floor and the gateway are
+measured side by side; "gateway - bare" is then what the gateway adds beyond any Python hop.
 
 A measurement, not a test: PASS/OVER is printed beside each target, and the exit code is 0
 whatever the figures (it is 1 only when the benchmark itself cannot run).
@@ -25,6 +33,7 @@ import json
 import math
 import os
 import pstats
+import random
 import subprocess
 import sys
 import tempfile
@@ -58,6 +67,14 @@ STARTUP_TIMEOUT_S: Final = 30.0
 DRAIN_TIMEOUT_S: Final = 10.0  # answers still owed after a throughput run; longer is a stall
 STOP_TIMEOUT_S: Final = 10.0  # the keeper stops within 5 s; cProfile's dump takes a moment more
 LOAD_WARMUP_S: Final = 0.5  # of each throughput run, not counted
+BARE_RELAY: Final = Path(__file__).with_name("bare_relay.py")
+# The paths a request can take, in the tables' order: name -> what it is.
+PATHS: Final = {
+    "direct": "the simulator itself",
+    "bare": "bare_relay.py: trio-websocket server",
+    "bare-hc": "bare_relay.py --server hypercorn",
+    "gateway": "the keeper",
+}
 
 
 # ---- the two processes ----------------------------------------------------------------------
@@ -117,6 +134,13 @@ class LogLines:
 
 
 @dataclass
+class Relay:
+    process: trio.Process
+    url: str
+    log: LogLines
+
+
+@dataclass
 class Processes:
     sim: trio.Process
     keeper: trio.Process
@@ -124,6 +148,20 @@ class Processes:
     gateway_url: str
     log: LogLines
     sim_log: LogLines
+    relays: dict[str, Relay]  # path name -> its bare relay
+
+    def route(self, path: str) -> tuple[str, dict[str, str]]:
+        """The URL of ``path`` and the credentials a client authenticates there with."""
+        if path == "direct":
+            return self.sim_url, SIM_ACCOUNT
+        if path == "gateway":
+            return self.gateway_url, LOCAL_CLIENT
+        return self.relays[path].url, SIM_ACCOUNT  # a bare relay passes auth straight through
+
+    def pid(self, path: str) -> int | None:
+        """The relay process ``path`` goes through, if it is a bare relay's."""
+        relay = self.relays.get(path)
+        return None if relay is None else relay.process.pid
 
 
 def keeper_config(sim_port: int) -> str:
@@ -167,9 +205,29 @@ async def read_line(stream: trio.abc.ReceiveStream) -> bytes:
     return line
 
 
+async def start_relay(
+    nursery: trio.Nursery, stack: AsyncExitStack, server: str, upstream: str
+) -> Relay:
+    """A bare relay process to ``upstream``; its first line is its port, later lines complaints
+    (stderr with them: hypercorn's error log, or a traceback)."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, str(BARE_RELAY), "--upstream", upstream, "--server", server],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    stack.push_async_callback(stop, process)
+    assert process.stdout is not None
+    with trio.fail_after(STARTUP_TIMEOUT_S):
+        port = int(await read_line(process.stdout))
+    log = LogLines()
+    nursery.start_soon(log.pump, process.stdout)
+    return Relay(process, f"ws://127.0.0.1:{port}/ws/api/v2", log)
+
+
 @asynccontextmanager
 async def processes(profile: Path | None) -> AsyncIterator[Processes]:
-    """The simulator, then the keeper, each its own process; both stopped on the way out."""
+    """The simulator, the two bare relays, then the keeper, each its own process; all stopped
+    on the way out."""
     python = [sys.executable]
     async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
         sim = await trio.lowlevel.open_process(
@@ -181,6 +239,11 @@ async def processes(profile: Path | None) -> AsyncIterator[Processes]:
             sim_port = int(await read_line(sim.stdout))
         sim_log = LogLines()  # only its warnings, as console lines: kept for the report
         nursery.start_soon(sim_log.pump, sim.stdout)
+        sim_url = f"ws://127.0.0.1:{sim_port}/ws/api/v2"
+        relays = {
+            path: await start_relay(nursery, stack, server, sim_url)
+            for path, server in (("bare", "trio-websocket"), ("bare-hc", "hypercorn"))
+        }
 
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         config = tmp / "keeper.yaml"
@@ -204,10 +267,11 @@ async def processes(profile: Path | None) -> AsyncIterator[Processes]:
         yield Processes(
             sim=sim,
             keeper=keeper,
-            sim_url=f"ws://127.0.0.1:{sim_port}/ws/api/v2",
+            sim_url=sim_url,
             gateway_url=f"ws://127.0.0.1:{listening['port']}/ws/api/v2",
             log=log,
             sim_log=sim_log,
+            relays=relays,
         )
 
 
@@ -285,20 +349,21 @@ async def timed(rpc: Client, series: Series | None) -> None:
         series.errors[code] = series.errors.get(code, 0) + 1
 
 
-async def round_trips(procs: Processes, requests: int, warmup: int) -> tuple[Series, Series]:
-    """One request through the gateway, one directly, turn about (who goes first alternates),
-    so slow moments of the machine fall on both series alike."""
-    via, direct = Series(), Series()
-    async with (
-        client(procs.gateway_url, LOCAL_CLIENT) as gateway_rpc,
-        client(procs.sim_url, SIM_ACCOUNT) as direct_rpc,
-    ):
+async def round_trips(procs: Processes, requests: int, warmup: int) -> dict[str, Series]:
+    """One request on every path per round, in turn, in an order shuffled each round (seeded,
+    so runs compare), so slow moments of the machine fall on every series alike and no path
+    always follows the same other one."""
+    series = {path: Series() for path in PATHS}
+    order = random.Random(0)
+    async with AsyncExitStack() as stack:
+        rpcs = {path: await stack.enter_async_context(client(*procs.route(path))) for path in PATHS}
+        turn = list(PATHS)
         for i in range(warmup + requests):
             keep = i >= warmup
-            pair = [(gateway_rpc, via), (direct_rpc, direct)]
-            for rpc, series in pair if i % 2 == 0 else reversed(pair):
-                await timed(rpc, series if keep else None)
-    return via, direct
+            order.shuffle(turn)
+            for path in turn:
+                await timed(rpcs[path], series[path] if keep else None)
+    return series
 
 
 # ---- sustained throughput -----------------------------------------------------------------
@@ -338,12 +403,13 @@ async def drive(rpc: Client, window: int, start: float, end: float, load: Load) 
         nursery.cancel_scope.cancel()
 
 
-async def throughput(
-    procs: Processes, url: str, credentials: dict[str, str], links: int, window: int, seconds: float
-) -> Load:
+async def throughput(procs: Processes, path: str, links: int, window: int, seconds: float) -> Load:
     load = Load()
     pids = {"keeper": procs.keeper.pid, "sim": procs.sim.pid}
-    async with clients(url, credentials, links) as rpcs:
+    relay = procs.pid(path)
+    if relay is not None:
+        pids["relay"] = relay
+    async with clients(*procs.route(path), links) as rpcs:
         start = trio.current_time() + LOAD_WARMUP_S
         end = start + seconds
         async with trio.open_nursery() as nursery:
@@ -366,21 +432,38 @@ def verdict(added: float, target: float) -> str:
     return f"{'PASS' if added <= target else 'OVER'} (target <= {target:g})"
 
 
-def latency_table(via: Series, direct: Series, requests: int, warmup: int) -> list[str]:
+def latency_table(series: dict[str, Series], requests: int, warmup: int) -> list[str]:
     rows = [
         f"round trip: {METHOD} {json.dumps(PARAMS)}, {requests} each after {warmup} warm-up,"
-        " gateway and direct in turn",
-        f"  {'us':<8}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>10}  errors",
+        f" {', '.join(PATHS)} in turn (shuffled each round)",
+        f"  {'us':<9}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>9}  {'errors':<8}path",
     ]
-    for name, series in (("direct", direct), ("gateway", via)):
-        cells = "".join(f"{series.pct(p):9.0f}" for p in (50, 90, 99))
-        errors = sum(series.errors.values())
-        shown = f"{errors} {dict(sorted(series.errors.items()))}" if errors else "0"
-        rows.append(f"  {name:<8}{cells}{max(series.micros):10.0f}  {shown}")
-    if via.errors or direct.errors:
+    for name, one in series.items():
+        cells = "".join(f"{one.pct(p):8.0f}" for p in (50, 90, 99))
+        errors = sum(one.errors.values())
+        shown = f"{errors} {dict(sorted(one.errors.items()))}" if errors else "0"
+        rows.append(f"  {name:<9}{cells}{max(one.micros):9.0f}  {shown:<8}{PATHS[name]}")
+    if any(one.errors for one in series.values()):
         rows.append("  (errors are timed too: e.g. -32601, a simulator without the method)")
-    p50 = via.pct(50) - direct.pct(50)
-    p99 = via.pct(99) - direct.pct(99)
+    rows.append("  (both bare relays copy frames unparsed over one trio-websocket client each)")
+
+    def added(path: str, base: str, p: float) -> float:
+        return series[path].pct(p) - series[base].pct(p)
+
+    for label, path, base in (
+        ("added by a bare trio-websocket hop", "bare", "direct"),
+        ("added by a bare hypercorn hop", "bare-hc", "direct"),
+        ("hypercorn's server instead of trio-websocket's", "bare-hc", "bare"),
+        ("added by the gateway beyond a bare hop", "gateway", "bare"),
+        ("added by the gateway beyond a bare hypercorn hop", "gateway", "bare-hc"),
+    ):
+        rows.append(
+            f"  {label + f' ({path} - {base})':<70} p50 {added(path, base, 50):+5.0f} us,"
+            f" p99 {added(path, base, 99):+5.0f} us"
+        )
+    p50 = added("gateway", "direct", 50)
+    p99 = added("gateway", "direct", 99)
+    rows.append("  the gateway against the issue's targets (gateway - direct):")
     rows.append(f"  added   p50 {p50:+.0f} us {verdict(p50, TARGET_P50_US)}")
     rows.append(f"          p99 {p99:+.0f} us {verdict(p99, TARGET_P99_US)}")
     return rows
@@ -390,19 +473,26 @@ def load_table(loads: dict[tuple[str, int], Load], window: int, seconds: float) 
     rows = [
         f"throughput: one account, {window} requests in flight per link, {seconds:g} s each",
         f"  {'links':<7}{'path':<9}{'req/s':>9}{'errors':>8}{'stalled':>9}"
-        f"{'keeper%':>9}{'sim%':>7}{'bench%':>8}",
+        f"{'keeper%':>9}{'relay%':>8}{'sim%':>7}{'bench%':>8}",
     ]
     for (path, links), load in loads.items():
         cpu = load.cpu
+        relay = f"{cpu['relay']:8.0f}" if "relay" in cpu else f"{'-':>8}"
         rows.append(
             f"  {links:<7}{path:<9}{load.answered / seconds:9.0f}{load.errors:8}{load.stalled:9}"
-            f"{cpu['keeper']:9.0f}{cpu['sim']:7.0f}{cpu['bench']:8.0f}"
+            f"{cpu['keeper']:9.0f}{relay}{cpu['sim']:7.0f}{cpu['bench']:8.0f}"
         )
     for links in sorted({links for _, links in loads}):
-        via, direct = loads.get(("gateway", links)), loads.get(("direct", links))
-        if via and direct and direct.answered:
-            rows.append(f"  {links} link(s): gateway carries {via.answered / direct.answered:.0%}")
-    rows.append("  (CPU in % of one core; the three processes share this machine's cores)")
+        direct = loads.get(("direct", links))
+        if not direct or not direct.answered:
+            continue
+        shares = [
+            f"{path} carries {loads[path, links].answered / direct.answered:.0%}"
+            for path in PATHS
+            if path != "direct" and (path, links) in loads
+        ]
+        rows.append(f"  {links} link(s), of direct: {', '.join(shares)}")
+    rows.append("  (CPU in % of one core; the processes share this machine's cores)")
     return rows
 
 
@@ -438,27 +528,29 @@ def _short(filename: str) -> str:
 
 async def bench(args: argparse.Namespace) -> list[str]:
     async with processes(args.profile) as procs:
-        via, direct = await round_trips(procs, args.requests, args.warmup)
+        series = await round_trips(procs, args.requests, args.warmup)
         loads: dict[tuple[str, int], Load] = {}
         for links in args.links:
-            for path, url, credentials in (
-                ("direct", procs.sim_url, SIM_ACCOUNT),
-                ("gateway", procs.gateway_url, LOCAL_CLIENT),
-            ):
-                loads[path, links] = await throughput(
-                    procs, url, credentials, links, args.window, args.seconds
-                )
+            # Two relays' links never follow each other: a bare relay's upstream connections
+            # close after its clients', and the simulator holds one IP to 11 connections.
+            for path in sorted(args.load_paths, key=["direct", "bare", "gateway", "bare-hc"].index):
+                loads[path, links] = await throughput(procs, path, links, args.window, args.seconds)
         await trio.sleep(0.2)  # let the keeper log the last links' ends
         load_1m = os.getloadavg()[0]
         return [
             f"{os.cpu_count()} cores, load average {load_1m:.2f} at the end (other work skews"
             " both paths; the difference is what counts)",
-            *latency_table(via, direct, args.requests, args.warmup),
+            *latency_table(series, args.requests, args.warmup),
             "",
             *load_table(loads, args.window, args.seconds),
             "",
             *complaints_table("keeper", procs.log),
             *complaints_table("simulator", procs.sim_log),
+            *[
+                row
+                for path, relay in procs.relays.items()
+                for row in complaints_table(f"{path} relay", relay.log)
+            ],
         ]
 
 
@@ -470,6 +562,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=16, help="requests in flight per link")
     parser.add_argument(
         "--links", type=int, nargs="+", default=[1, 8], help="local links per throughput run"
+    )
+    parser.add_argument(
+        "--load-paths",
+        nargs="+",
+        choices=list(PATHS),
+        default=["direct", "bare", "gateway"],
+        help="paths of the throughput runs (bare-hc adds 2 runs' time)",
     )
     parser.add_argument(
         "--profile", type=Path, help="run the keeper under cProfile, writing this file"
