@@ -45,15 +45,20 @@ def _default_ssl_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
+OnAnswer = Callable[[dict[str, Any] | None], None]  # a relayed answer, or None: the link ended
+
+
 class _Pending:
     """A request waiting for its answer; ``answered`` is also set, with no message, when the
-    link ends first."""
+    link ends first. With ``on_answer`` the answer is handed over at once instead, from the
+    reader, and nobody waits on ``answered``."""
 
-    __slots__ = ("answered", "message")
+    __slots__ = ("answered", "message", "on_answer")
 
-    def __init__(self) -> None:
+    def __init__(self, on_answer: OnAnswer | None = None) -> None:
         self.answered = trio.Event()
         self.message: dict[str, Any] | None = None
+        self.on_answer = on_answer
 
 
 class Relayed:
@@ -158,8 +163,14 @@ class RpcConnection:
             self._on_request(method, trio.current_time() - sent_at)
         return _result_of(method, pending.message)
 
-    async def send_relayed(self, method: str, params: Mapping[str, Any]) -> Relayed:
+    async def send_relayed(
+        self, method: str, params: Mapping[str, Any], on_answer: OnAnswer | None = None
+    ) -> Relayed:
         """Send one request now and return a handle on its answer (see ``Relayed.answer``).
+
+        With ``on_answer`` the reader calls it with the whole answer the moment it arrives, or
+        with None if the link ends first: no task waits, which is what a relay's latency wants.
+        It runs inside the reader, so it must be quick and must not raise.
 
         Raises:
             SessionLost: the link is closed; nothing was sent.
@@ -167,7 +178,7 @@ class RpcConnection:
         if self._closed.is_set():
             raise SessionLost("connection_closed", f"{method} not sent: the link ended")
         request_id = next(self._ids)
-        pending = self._pending[request_id] = _Pending()
+        pending = self._pending[request_id] = _Pending(on_answer)
         try:
             await self._send({"jsonrpc": "2.0", "id": request_id, "method": method,
                               "params": dict(params)})  # fmt: skip
@@ -240,8 +251,12 @@ class RpcConnection:
     def _end(self) -> None:
         """The link is over: wake every request still waiting, so that none waits forever."""
         self._closed.set()
-        for pending in self._pending.values():
-            pending.answered.set()
+        for request_id, pending in list(self._pending.items()):
+            if pending.on_answer is not None:
+                del self._pending[request_id]
+                pending.on_answer(None)
+            else:
+                pending.answered.set()
 
     def _dispatch(self, frame: str | bytes) -> None:
         """Route one frame: an answer to its request, a notification to the caller."""
@@ -273,9 +288,14 @@ class RpcConnection:
         if type(request_id) is not int:
             return
         pending = self._pending.get(request_id)
-        if pending is not None and pending.message is None:
-            pending.message = message
-            pending.answered.set()
+        if pending is None or pending.message is not None:
+            return
+        if pending.on_answer is not None:
+            del self._pending[request_id]
+            pending.on_answer(message)
+            return
+        pending.message = message
+        pending.answered.set()
 
     async def _shut_down(self, *, graceful: bool) -> None:
         """End the link: politely (close frame, bounded wait) or at once, without a handshake."""

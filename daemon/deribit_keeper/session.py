@@ -28,7 +28,7 @@ from .config import AccountConfig
 from .errors import CodNotConfirmed, DeadLink, NotReady, RpcError, SessionLost
 from .logs import get_logger
 from .protocol import ErrorCode
-from .rpc import Relayed, RpcConnection, open_rpc_connection
+from .rpc import OnAnswer, Relayed, RpcConnection, open_rpc_connection
 
 Observer = Callable[["Session", str, Mapping[str, Any]], None]
 Listener = Callable[[str, Any], None]  # (method, params) of a notification other than heartbeat
@@ -168,9 +168,12 @@ class Session:
         quick and never block; its bugs are logged and contained."""
         self._listeners.append(listener)
 
-    async def relay(self, method: str, params: Mapping[str, Any]) -> Relayed:
+    async def relay(
+        self, method: str, params: Mapping[str, Any], on_answer: OnAnswer | None = None
+    ) -> Relayed:
         """Send a request on a client's behalf over the ready link; await ``.answer()`` for
-        Deribit's whole answer.
+        Deribit's whole answer, or have ``on_answer`` called with it (None if the link ends
+        first) from the link's reader, where its bugs are logged and contained.
 
         Only a READY session relays: its link has COD confirmed with scope ``connection`` on
         itself, whatever scope the account configures, so every order sent through it is
@@ -183,7 +186,20 @@ class Session:
         rpc = self.rpc
         if rpc is None or self.state is not SessionState.READY:
             raise NotReady(self.state.value)
-        return await rpc.send_relayed(method, params)
+        return await rpc.send_relayed(
+            method, params, None if on_answer is None else self._contained(on_answer)
+        )
+
+    def _contained(self, on_answer: OnAnswer) -> OnAnswer:
+        """``on_answer`` with its bugs logged: raised in the reader, one would end the link."""
+
+        def hand_over(answer: dict[str, Any] | None) -> None:
+            try:
+                on_answer(answer)
+            except Exception:  # noqa: BLE001 (a gateway's bug must not end the link)
+                self._log.exception(events.SESSION_OBSERVER_FAILED, observed="relayed answer")
+
+        return hand_over
 
     @property
     def stop_requested(self) -> bool:

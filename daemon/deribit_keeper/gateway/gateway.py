@@ -29,7 +29,7 @@ from ..config import AccountConfig, GatewayConfig
 from ..errors import NotReady, SessionLost
 from ..logs import get_logger
 from ..protocol import ErrorCode
-from ..rpc import Relayed
+from ..rpc import OnAnswer, Relayed
 from ..serving import serve_asgi
 from ..session import Session
 from .fanout import Fanout
@@ -135,7 +135,7 @@ class Gateway:
                         while self.links:
                             await self._links_changed.wait()
                     server.cancel_scope.cancel()
-                # What is left (answers still awaited, COD cancels) gets one request timeout.
+                # What is left (COD cancels, upstream unsubscribes) gets one request timeout.
                 background.cancel_scope.deadline = trio.current_time() + self.request_timeout
         finally:
             self.port = None
@@ -172,11 +172,13 @@ class Gateway:
     def upstream_ready(self) -> bool:
         return self._session is not None and self._session.ready
 
-    async def relay(self, method: str, params: Mapping[str, Any]) -> Relayed:
+    async def relay(
+        self, method: str, params: Mapping[str, Any], on_answer: OnAnswer | None = None
+    ) -> Relayed:
         """Send a request over the account's session (raises NotReady if it is not ready)."""
         if self._session is None:
             raise NotReady("starting")
-        return await self._session.relay(method, params)
+        return await self._session.relay(method, params, on_answer)
 
     def relayed(self, method: str, answer: dict[str, Any], seconds: float) -> None:
         """Note one of Deribit's answers: metrics, and which orders it shows closed."""

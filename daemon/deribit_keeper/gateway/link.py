@@ -38,7 +38,6 @@ from ..jsonrpc import (
     result_frame,
 )
 from ..protocol import API_VERSION, HEARTBEAT_MIN_S, ErrorCode
-from ..rpc import Relayed
 from .frames import relayed_frame
 from .local_auth import LocalGrant
 from .orders import PLACING_METHODS, LinkOrders
@@ -255,42 +254,47 @@ class LocalLink:
             raise RpcFault(ErrorCode.UNAUTHORIZED)
 
     async def _relay(self, request: Request) -> None:
-        """Send the request upstream now, in arrival order; deliver its answer when it comes."""
+        """Send the request upstream now, in arrival order; its answer is passed on the moment
+        it arrives, from the upstream reader (``_answered``), with no task of its own."""
         if not self._gateway.upstream_ready():
             self._gateway.refused(request.method)
             raise RpcFault(ErrorCode.TEMPORARILY_UNAVAILABLE)
         await self._in_flight.acquire()
+        # A buy, sell or edit is followed to its answer even if this link dies meanwhile:
+        # local COD must learn the order's id to cancel it.
+        placing, sent = request.method in PLACING_METHODS, trio.current_time()
+        self._placing += placing
+
+        def on_answer(answer: dict[str, Any] | None) -> None:
+            self._answered(request, placing, sent, answer)
+
         try:
-            relayed = await self._gateway.relay(request.method, request.params)
+            await self._gateway.relay(request.method, request.params, on_answer)
         except (NotReady, SessionLost):
-            self._in_flight.release()
+            self._settle(placing)
             self._gateway.refused(request.method)
             raise RpcFault(ErrorCode.TEMPORARILY_UNAVAILABLE) from None
-        if request.method in PLACING_METHODS:
-            # Its answer is awaited even if this link dies meanwhile: local COD must learn the
-            # order's id to cancel it. Other answers are of no use to a dead link.
-            self._placing += 1
-            self._gateway.spawn(self._deliver, relayed, request, bounded=False)
-        else:
-            assert self._nursery is not None
-            self._nursery.start_soon(self._deliver, relayed, request)
 
-    async def _deliver(self, relayed: Relayed, request: Request) -> None:
-        sent = trio.current_time()
-        try:
-            answer = await relayed.answer()
-        except SessionLost:
-            return  # the upstream link died: this link is being closed with 1013
-        finally:
-            self._in_flight.release()
-            if request.method in PLACING_METHODS:
-                self._placing -= 1
-                if not self._placing:
-                    self._placed.set()
-                    self._placed = trio.Event()
+    def _answered(
+        self, request: Request, placing: bool, sent: float, answer: dict[str, Any] | None
+    ) -> None:
+        """Deribit's answer to one relayed request (None: the upstream link died first, and
+        this link is being closed with 1013)."""
+        self._settle(placing)
+        if answer is None:
+            return
         self.orders.learn(request.method, answer.get("result"))
         self._gateway.relayed(request.method, answer, trio.current_time() - sent)
         self.answer(request.id, answer)
+
+    def _settle(self, placing: bool) -> None:
+        """One relayed request is over: free its slot; wake ``all_placed`` after the last order."""
+        self._in_flight.release()
+        if placing:
+            self._placing -= 1
+            if not self._placing:
+                self._placed.set()
+                self._placed = trio.Event()
 
     # ---- methods the keeper answers itself -------------------------------------------------
 
