@@ -307,3 +307,53 @@ class _no_error:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+async def test_relayed_requests_leave_in_order_and_come_back_whole(nursery: trio.Nursery) -> None:
+    """A relay's requests reach the server in the order sent; each answer is handed over as
+    the server wrote it (envelope and all), by callback or to an awaiting caller."""
+    seen: list[str] = []
+
+    async def script(ws: WebSocketConnection) -> None:
+        requests = [json.loads(await ws.get_message()) for _ in range(3)]
+        seen.extend(r["method"] for r in requests)
+        for request in reversed(requests):
+            await ws.send_message(
+                json.dumps(
+                    {"jsonrpc": "2.0", "id": request["id"], "result": request["method"], "usIn": 1}
+                )
+            )
+        await trio.sleep_forever()
+
+    url = await serve(nursery, script)
+    called: list[dict[str, Any] | None] = []
+    async with open_rpc_connection(url, request_timeout=5, on_notification=ignore) as rpc:
+        first = await rpc.send_relayed("private/cancel_all", {})
+        await rpc.send_relayed("private/buy", {"amount": 10}, called.append)
+        third = await rpc.send_relayed("private/sell", {})
+        answers = [await first.answer(), await third.answer()]
+        await trio.sleep(0.05)
+    assert seen == ["private/cancel_all", "private/buy", "private/sell"]
+    assert [a["result"] for a in answers] == ["private/cancel_all", "private/sell"]
+    assert answers[0]["usIn"] == 1 and "jsonrpc" in answers[0]
+    assert [c and c["result"] for c in called] == ["private/buy"]
+
+
+async def test_a_link_that_ends_releases_every_relayed_request(nursery: trio.Nursery) -> None:
+    """Nothing waits forever on a dead link: waiters get SessionLost, callbacks get None."""
+
+    async def script(ws: WebSocketConnection) -> None:
+        for _ in range(2):
+            await ws.get_message()
+        await ws.aclose()
+
+    url = await serve(nursery, script)
+    called: list[dict[str, Any] | None] = []
+    with pytest.raises(SessionLost):
+        async with open_rpc_connection(url, request_timeout=5, on_notification=ignore) as rpc:
+            waiting = await rpc.send_relayed("private/buy", {})
+            await rpc.send_relayed("private/sell", {}, called.append)
+            with pytest.raises(SessionLost, match="link ended"):
+                await waiting.answer()
+            await trio.sleep_forever()
+    assert called == [None]
