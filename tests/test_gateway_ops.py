@@ -6,10 +6,12 @@ import dataclasses
 import random
 from functools import partial
 
+import pytest
 import trio
 import trio.testing
 
 from deribit_keeper.config import LocalClient, Secret
+from deribit_keeper.gateway import Gateway
 from deribit_keeper.session import SessionState
 from deribit_keeper.simulator import Simulator
 from deribit_keeper.supervisor import Keeper
@@ -150,5 +152,35 @@ async def test_a_port_in_use_is_retried_and_disturbs_no_other_account(
     assert all(f["level"] == "error" and f["account"] == "main" for f in failures)
     await squatter.aclose()
     await until(keeper, lambda: keeper.gateways["main"].port == port)
+    async with local_client(keeper.gateways["main"]) as engine:
+        assert (await engine.call("public/test"))["result"]["version"]
+
+
+async def test_a_gateway_that_crashes_on_a_bug_starts_again_and_the_keeper_stays(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug escaping a gateway is logged; the sessions and the other account never notice;
+    a new gateway listens a second later."""
+    real_run, runs = Gateway.run, []
+
+    async def run_with_a_bug_once(self: Gateway) -> None:
+        runs.append(self.account)
+        if runs.count(self.account) == 1 and self.account == "main":
+            raise RuntimeError("a bug in the gateway")
+        await real_run(self)
+
+    monkeypatch.setattr(Gateway, "run", run_with_a_bug_once)
+    keeper = await run_keeper(nursery, gateway_account(sim), gateway_account(sim, "hedge"))
+    await until(
+        keeper, lambda: "main" in keeper.gateways and keeper.gateways["main"].port is not None
+    )
+    [crash] = log_lines.events("gateway.unexpected_error")
+    assert crash["account"] == "main" and "a bug in the gateway" in crash["exception"]
+    assert runs.count("main") == 2 and len(sim.connections) == 2
+    assert all(s.ready for s in keeper.sessions.values())
     async with local_client(keeper.gateways["main"]) as engine:
         assert (await engine.call("public/test"))["result"]["version"]

@@ -45,6 +45,14 @@ class NotReady(KeeperError):
         super().__init__(f"the session is {state}, not ready")
 
 
+class FrameTooLarge(KeeperError):
+    """A request would be larger than Deribit reads (32 kB); it was not sent."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        super().__init__(f"a {size}-byte request is over Deribit's frame limit")
+
+
 class RpcError(SessionLost):
     """Deribit answered a request with a JSON-RPC error object."""
 

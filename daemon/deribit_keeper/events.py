@@ -42,6 +42,7 @@ GATEWAY_COD_FIRED: Final = "gateway.cod_fired"
 GATEWAY_UPSTREAM_LOST: Final = "gateway.upstream_lost"
 GATEWAY_STOPPED: Final = "gateway.stopped"
 GATEWAY_OBSERVER_FAILED: Final = "gateway.observer_failed"
+GATEWAY_UNEXPECTED_ERROR: Final = "gateway.unexpected_error"
 
 SYSTEMD_NOTIFY_FAILED: Final = "systemd.notify_failed"
 HTTP_LISTENING: Final = "http.listening"

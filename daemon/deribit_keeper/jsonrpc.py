@@ -179,7 +179,10 @@ def get_number(params: dict[str, Any], name: str) -> float:
     value = params[name]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise invalid(name)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer of hundreds of digits: JSON allows it, a float cannot
+        raise invalid(name) from None
 
 
 def opt_bool(params: dict[str, Any], name: str, default: bool) -> bool:

@@ -29,7 +29,8 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from .errors import RpcError, SessionLost, leaves
+from .errors import FrameTooLarge, RpcError, SessionLost, leaves
+from .protocol import MAX_FRAME_BYTES
 
 CLOSE_TIMEOUT_S: Final = 1.0  # a polite close waits this long for the server's close frame
 NORMAL_CLOSURE: Final = 1000  # RFC 6455 close code
@@ -174,6 +175,7 @@ class RpcConnection:
 
         Raises:
             SessionLost: the link is closed; nothing was sent.
+            FrameTooLarge: the request would be over Deribit's 32 kB; nothing was sent.
         """
         if self._closed.is_set():
             raise SessionLost("connection_closed", f"{method} not sent: the link ended")
@@ -233,8 +235,19 @@ class RpcConnection:
             self._watchdog = None
 
     async def _send(self, message: dict[str, Any]) -> None:
+        """Send one frame, as ASCII: anything else is escaped (``\\u00e9``), so no string a
+        client sent, however odd (a lone surrogate), can fail to encode on the way out.
+
+        Raises:
+            FrameTooLarge: over Deribit's 32 kB (escapes make a relayed request longer than it
+                was locally); Deribit would answer it without an id, which ends the link.
+                Nothing was sent.
+        """
+        text = json.dumps(message, separators=(",", ":"))
+        if len(text) > MAX_FRAME_BYTES:  # ASCII: one byte per character
+            raise FrameTooLarge(len(text))
         try:
-            await self._ws.send_message(json.dumps(message, separators=(",", ":")))
+            await self._ws.send_message(text)
         except ConnectionClosed as exc:
             raise _closed(exc) from exc
 

@@ -24,7 +24,7 @@ import trio
 
 from . import __version__, auth, events
 from .backoff import STABLE_AFTER_S, Backoff, Severity, classify
-from .config import AccountConfig
+from .config import AccountConfig, ShutdownMode
 from .errors import CodNotConfirmed, DeadLink, NotReady, RpcError, SessionLost
 from .logs import get_logger
 from .protocol import ErrorCode
@@ -146,6 +146,7 @@ class Session:
         self._listeners: list[Listener] = []
         self._on_request = on_request
         self._stop_requested = trio.Event()
+        self._shutdown_mode: ShutdownMode = account.on_shutdown
         self.stopped = trio.Event()  # set once run() has returned
         self._scope = trio.CancelScope()
         self._tasks: trio.Nursery | None = None
@@ -232,12 +233,15 @@ class Session:
             else {"reason": self.last_error[0], "at": _iso(self.last_error[1])},
         }
 
-    def stop(self) -> None:
-        """Ask the session to end per ``on_shutdown``; ``run()`` returns once it has.
+    def stop(self, on_shutdown: ShutdownMode | None = None) -> None:
+        """Ask the session to end per ``on_shutdown`` (the account's unless given); ``run()``
+        returns once it has.
 
-        A READY link ends politely (logout first if configured). Anything else has no link worth
+        A READY link ends politely (logout first if so). Anything else has no link worth
         keeping, so it is cancelled at once.
         """
+        if on_shutdown is not None:
+            self._shutdown_mode = on_shutdown
         self._stop_requested.set()
         if self.state is not SessionState.READY:
             self._scope.cancel()
@@ -325,8 +329,8 @@ class Session:
             await self._stop_requested.wait()
         if watchdog.cancelled_caught:
             raise DeadLink(trio.current_time() - rpc.last_inbound)
-        self._enter(SessionState.STOPPING, on_shutdown=self.account.on_shutdown)
-        if self.account.on_shutdown == "logout":
+        self._enter(SessionState.STOPPING, on_shutdown=self._shutdown_mode)
+        if self._shutdown_mode == "logout":
             await self._log_out(rpc)
 
     async def _log_out(self, rpc: RpcConnection) -> None:

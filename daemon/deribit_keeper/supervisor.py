@@ -44,6 +44,7 @@ from .systemd import Notifier, keep_watchdog_fed, status_line, watchdog_interval
 # systemd's and Kubernetes' patience is usually longer; 5 s is the promise made in the README.
 # Half a second is kept back for closing sockets and the last log lines.
 SHUTDOWN_DEADLINE_S: Final = 4.5
+GATEWAY_RESTART_S: Final = 1.0  # a gateway that crashed on a bug starts again after this
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 RELOAD_SIGNAL: Final = signal.SIGHUP
 # The events after which systemd's STATUS line may read differently.
@@ -352,7 +353,11 @@ class Keeper:
         """
         assert self._sessions_nursery is not None
         name = old.account.name
-        old.stop()
+        # The engine goes on trading through the new session, and its orders on the old link
+        # would belong to a connection that is gone: no COD on either hop would ever cancel
+        # them. So a session that relays ends as a lost link does, and Deribit's COD cancels
+        # what went through it; `on_shutdown: logout` is for stopping the keeper.
+        old.stop("close" if name in self.gateways else None)
         if name in self._relaunching:
             return  # the waiting relaunch will read the newest config when it wakes
 
@@ -389,12 +394,23 @@ class Keeper:
         )
 
     async def _run_gateway(self, gateway: Gateway) -> None:
+        """Run ``gateway``; a bug that escapes it is logged, and a new one starts a second
+        later, as a session retries: one account's gateway never takes the keeper down."""
+        crashed = False
         try:
             await gateway.run()
+        except Exception:  # noqa: BLE001 (contained per account, like a session's bug)
+            self._log.exception(events.GATEWAY_UNEXPECTED_ERROR, account=gateway.account)
+            crashed = True
         finally:
             if self.gateways.get(gateway.account) is gateway:
                 del self.gateways[gateway.account]
                 self.metrics.forget_gateway(gateway.account)
+        if crashed:
+            await trio.sleep(GATEWAY_RESTART_S)
+            account = self._wanted().get(gateway.account)
+            if account is not None and not self._stopping and account.name not in self.gateways:
+                self._start_gateway(account)
 
     def _restart_gateway_after(self, old: Gateway) -> None:
         """Stop ``old`` (links closed with 1012); once its port is free, start what the config

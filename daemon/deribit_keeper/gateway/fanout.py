@@ -71,7 +71,11 @@ class Fanout:
         self._subscribers.clear()
 
     async def change(self, link: LocalLink, request: Request, us_in: int) -> None:
-        """Answer one subscribe or unsubscribe request of ``link``."""
+        """Answer one subscribe, unsubscribe or unsubscribe_all request of ``link``."""
+        if request.method.endswith("/unsubscribe_all"):
+            await self._unsubscribe(link, None, sorted(link.channels))
+            link.reply(request.id, "ok", us_in)
+            return
         channels = _unique(get_channels(request.params))
         if request.method.endswith("/subscribe"):
             _check_allowed(link, request.method, channels)
@@ -88,9 +92,11 @@ class Fanout:
             self._gateway.spawn(self._leave, link, channels)
 
     async def _leave(self, link: LocalLink, channels: list[str]) -> None:
-        method = "private/unsubscribe" if any(map(_is_private, channels)) else "public/unsubscribe"
+        # The lock may be held for as long as another link's subscribe waits on Deribit; the
+        # wait is not bounded here, or the dead link would stay subscribed. _drop bounds the
+        # upstream request itself.
         async with self._lock:
-            await self._drop(link, channels, method)
+            await self._drop(link, channels, _unsubscribe_method(channels))
 
     async def _subscribe(
         self, link: LocalLink, request: Request, channels: list[str], us_in: int
@@ -117,11 +123,19 @@ class Fanout:
             answer["result"] = granted
             link.answer(request.id, answer)
 
-    async def _unsubscribe(self, link: LocalLink, method: str, channels: list[str]) -> list[str]:
-        removed = [c for c in channels if c in link.channels]
-        link.channels.difference_update(removed)
+    async def _unsubscribe(
+        self, link: LocalLink, method: str | None, channels: list[str]
+    ) -> list[str]:
+        """Take ``link`` off ``channels``; ``method`` None picks public or private by channel.
+
+        The link's own record changes only under the lock, with the subscribers': a link that
+        ends while it waits for the lock still has the channels, and leaving them at its end
+        takes it off them.
+        """
         async with self._lock:
-            await self._drop(link, removed, method)
+            removed = [c for c in channels if c in link.channels]
+            link.channels.difference_update(removed)
+            await self._drop(link, removed, method or _unsubscribe_method(removed))
         return removed
 
     async def _drop(self, link: LocalLink, channels: list[str], method: str) -> None:
@@ -141,10 +155,14 @@ class Fanout:
                 del self._subscribers[channel]
                 emptied.append(channel)
         if emptied and self._gateway.upstream_ready():
-            try:
-                await self._upstream(method, emptied)
-            except RpcFault:
-                pass  # not ready: the upstream subscriptions ended with its connection
+            # Shielded: the local record already says nobody wants these channels, so the
+            # upstream must hear it too, even if the link asking ends meanwhile.
+            with trio.move_on_after(self._gateway.request_timeout) as bounded:
+                bounded.shield = True
+                try:
+                    await self._upstream(method, emptied)
+                except RpcFault:
+                    pass  # not ready: the upstream subscriptions ended with its connection
 
     async def _upstream(self, method: str, channels: list[str]) -> dict[str, Any]:
         """One subscribe or unsubscribe upstream, answered as Deribit answered it.
@@ -159,5 +177,6 @@ class Fanout:
             raise RpcFault(ErrorCode.TEMPORARILY_UNAVAILABLE) from None
 
 
-def _is_private(channel: str) -> bool:
-    return channel.startswith(PRIVATE_PREFIX)
+def _unsubscribe_method(channels: list[str]) -> str:
+    private = any(c.startswith(PRIVATE_PREFIX) for c in channels)
+    return "private/unsubscribe" if private else "public/unsubscribe"

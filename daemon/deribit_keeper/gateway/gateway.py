@@ -33,7 +33,7 @@ from ..rpc import OnAnswer, Relayed
 from ..serving import serve_asgi
 from ..session import Session
 from .fanout import Fanout
-from .link import CLOSE_TIMEOUT_S, End, LocalLink
+from .link import CLOSE_TIMEOUT_S, Closing, End, LocalLink
 from .listener import GatewayApp
 from .local_auth import LocalAuth
 from .orders import OPEN_STATES
@@ -45,6 +45,10 @@ GatewayObserver = Callable[["Gateway", str, Mapping[str, Any]], None]
 
 USER_ORDERS: Final = "user.orders."
 STOP_GRACE_S: Final = CLOSE_TIMEOUT_S + 0.5  # links get this long to take their close frame
+# How long local COD waits for the answers to orders still in flight when their link died;
+# Deribit's silence would have ended the upstream link long before.
+LATE_ORDER_S: Final = 60.0
+MAX_KNOWN_METHODS: Final = 1024  # Deribit has a few hundred; a bound all the same
 BIND_RETRY_S: Final = 1.0  # a listen address in use is tried again after this, doubling...
 BIND_RETRY_MAX_S: Final = 30.0  # ...up to this
 
@@ -73,6 +77,7 @@ class Gateway:
         self._on_relayed = on_relayed
         self._observers: list[GatewayObserver] = []
         self._ids = itertools.count(1)
+        self._known_methods: set[str] = set()  # names Deribit answered as methods it has
         self._nursery: trio.Nursery | None = None
         self._stop: tuple[int, str] | None = None
         self._stop_requested = trio.Event()
@@ -189,13 +194,16 @@ class Gateway:
         outcome = "error" if error is not None else "result"
         if isinstance(error, dict) and error.get("code") == ErrorCode.METHOD_NOT_FOUND:
             method = "other"  # no label value for every name a client makes up
+        elif len(self._known_methods) < MAX_KNOWN_METHODS:
+            self._known_methods.add(method)
         if outcome == "result" and not method.startswith(("private/buy", "private/sell")):
             for link in self.links.values():
                 link.orders.observe(answer.get("result"))
         self._count(method, outcome, seconds)
 
     def refused(self, method: str) -> None:
-        self._count(method, "unavailable", None)
+        # Only a name Deribit has answered becomes a label: a refusal proves nothing about it.
+        self._count(method if method in self._known_methods else "other", "unavailable", None)
 
     def authenticated(self, link: LocalLink) -> None:
         self._emit(
@@ -205,20 +213,23 @@ class Gateway:
             scope=link.scope,
         )
 
-    def spawn(self, fn: Callable[..., Awaitable[None]], *args: Any, bounded: bool = True) -> None:
-        """Run ``fn`` beside the links, outliving the link that asked; ``bounded`` by the
-        account's request timeout, else by the upstream link's life (a relayed answer)."""
+    def spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run ``fn`` beside the links, outliving the link that asked (it bounds its own
+        waits). Its bugs are logged and contained: they must not end the keeper."""
         if self._nursery is None:
             return
 
-        async def within_timeout() -> None:
-            with trio.move_on_after(self.request_timeout):
+        async def contained() -> None:
+            try:
                 await fn(*args)
+            except Exception:  # noqa: BLE001 (one account's gateway must not end the keeper)
+                self.unexpected_error(getattr(fn, "__name__", "task"))
 
-        if bounded:
-            self._nursery.start_soon(within_timeout)
-        else:
-            self._nursery.start_soon(fn, *args)
+        self._nursery.start_soon(contained)
+
+    def unexpected_error(self, where: str) -> None:
+        """Log a bug met while handling ``where`` (a method, a task); call it from ``except``."""
+        self._log.exception(events.GATEWAY_UNEXPECTED_ERROR, where=where)
 
     def admit(self, path: str) -> int | None:
         """The HTTP status to refuse a WebSocket handshake with, or None to accept it."""
@@ -240,6 +251,9 @@ class Gateway:
         self._emit(logging.INFO, events.GATEWAY_CLIENT_CONNECTED, peer=peer, link=link.id)
         try:
             closing = await link.serve(receive, send)
+        except Exception:  # noqa: BLE001 (a bug ends this link only, and its COD still applies)
+            self.unexpected_error("link")
+            closing = Closing(End.INTERNAL_ERROR, None, "internal error")
         finally:
             del self.links[link.id]
             self._changed()
@@ -260,25 +274,32 @@ class Gateway:
     # ---- the two hops' COD --------------------------------------------------------------------
 
     async def _fire_cod(self, link: LocalLink) -> None:
-        """Cancel, through the upstream connection, every order ``link`` created that is open,
-        including those whose answers were still on their way when the link died."""
-        cancelled = 0
-        await link.all_placed()
+        """Cancel, through the upstream connection, every order ``link`` created that is open:
+        the known ones at once, and those whose answers were still on their way when the link
+        died as each answer arrives (for at most LATE_ORDER_S)."""
+        cancelled, asked = 0, set[str]()
 
         async def cancel(order_id: str) -> None:
             nonlocal cancelled
-            try:
-                relayed = await self.relay("private/cancel", {"order_id": order_id})
-                answer = await relayed.answer()
-            except (NotReady, SessionLost):
-                return  # no upstream: Deribit's own COD cancelled what went through it
-            result = answer.get("result")
-            if isinstance(result, dict) and result.get("order_state") not in OPEN_STATES:
-                cancelled += "error" not in answer
+            with trio.move_on_after(self.request_timeout):
+                try:
+                    relayed = await self.relay("private/cancel", {"order_id": order_id})
+                    answer = await relayed.answer()
+                except (NotReady, SessionLost):
+                    return  # no upstream: Deribit's own COD cancelled what went through it
+                result = answer.get("result")
+                if isinstance(result, dict) and result.get("order_state") not in OPEN_STATES:
+                    cancelled += "error" not in answer
 
-        async with trio.open_nursery() as cancels:
-            for order_id in link.orders.open_ids():
-                cancels.start_soon(cancel, order_id)
+        with trio.move_on_after(LATE_ORDER_S):
+            async with trio.open_nursery() as cancels:
+                while True:
+                    for order_id in set(link.orders.open_ids()) - asked:
+                        asked.add(order_id)
+                        cancels.start_soon(cancel, order_id)
+                    if not link.placing:
+                        break
+                    await link.an_order_answered()
         self._emit(
             logging.WARNING,
             events.GATEWAY_COD_FIRED,

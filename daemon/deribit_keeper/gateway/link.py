@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
-from ..errors import NotReady, SessionLost
+from ..errors import FrameTooLarge, NotReady, SessionLost
 from ..jsonrpc import (
     BadFrame,
     Request,
@@ -52,7 +52,9 @@ COD_SCOPES: Final = ("connection", "account")
 TEST_REQUEST: Final = notification_frame("heartbeat", {"type": "test_request"})
 SUBSCRIBE_METHODS: Final = frozenset(
     {"public/subscribe", "private/subscribe", "public/unsubscribe", "private/unsubscribe"}
+    | {"public/unsubscribe_all", "private/unsubscribe_all"}
 )
+QUEUED_CHANGES: Final = 64  # subscription changes waiting their turn; beyond, reading waits
 
 
 class End(Enum):
@@ -65,10 +67,12 @@ class End(Enum):
     UPSTREAM_LOST = "upstream_lost"
     UPSTREAM_RESTARTED = "upstream_restarted"
     GATEWAY_STOPPED = "gateway_stopped"  # shutdown, or a reload that restarts the gateway
+    INTERNAL_ERROR = "internal_error"  # a bug in the keeper ended the link (logged)
 
     @property
     def fires_cod(self) -> bool:
-        return self in (End.CLIENT_CLOSED, End.HEARTBEAT_MISSED, End.TOO_SLOW)
+        """The link ended other than by logout or by the keeper's own decision."""
+        return self in (End.CLIENT_CLOSED, End.HEARTBEAT_MISSED, End.TOO_SLOW, End.INTERNAL_ERROR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +103,9 @@ class LocalLink:
         self._gateway = gateway
         self._outbox, self._outbox_out = trio.open_memory_channel[str](OUTBOX_FRAMES)
         self._in_flight = trio.Semaphore(MAX_IN_FLIGHT)
+        self._changes_in, self._changes_out = trio.open_memory_channel[tuple[Request, int]](
+            QUEUED_CHANGES
+        )
         self._test_outstanding = False
         self._placing = 0
         self._placed = trio.Event()
@@ -115,8 +122,6 @@ class LocalLink:
             "private/disable_cancel_on_disconnect": self._disable_cod,
             "private/get_cancel_on_disconnect": self._get_cod,
             "private/logout": self._logout,
-            "public/unsubscribe_all": self._unsubscribe_all,
-            "private/unsubscribe_all": self._unsubscribe_all,
         }
 
     def __repr__(self) -> str:
@@ -150,10 +155,9 @@ class LocalLink:
         """Orders sent (buy, sell, edit) whose answers have not come yet."""
         return self._placing
 
-    async def all_placed(self) -> None:
-        """Return once every buy, sell or edit this link sent has been answered or lost."""
-        while self._placing:
-            await self._placed.wait()
+    async def an_order_answered(self) -> None:
+        """Return once the next buy, sell or edit still in flight is answered (or lost)."""
+        await self._placed.wait()
 
     def push(self, frame: str) -> None:
         """Queue a frame for the client; a client that stopped reading is closed."""
@@ -172,6 +176,7 @@ class LocalLink:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._write, send)
+            nursery.start_soon(self._change_subscriptions)
             with self._scope:
                 await self._read(receive)
             nursery.cancel_scope.cancel()
@@ -199,6 +204,16 @@ class LocalLink:
         async for frame in self._outbox_out:
             await send({"type": "websocket.send", "bytes": None, "text": frame})
 
+    async def _change_subscriptions(self) -> None:
+        """Subscription changes, one at a time and in this link's order, apart from the reader:
+        one waits for Deribit's answer, and the reader must go on reading meanwhile (a
+        ``public/test`` left unread would look like a dead client)."""
+        async for request, us_in in self._changes_out:
+            try:
+                await self._gateway.fanout.change(self, request, us_in)
+            except RpcFault as error:
+                self.refuse(request.id, error, us_in)
+
     async def _on_frame(self, raw: str | bytes) -> None:
         us_in = self._gateway.micros()
         try:
@@ -206,22 +221,28 @@ class LocalLink:
         except BadFrame as bad:
             self.refuse(bad.request_id, bad.fault, us_in)
             return
-        handler = self._local.get(request.method)
         try:
-            self._check_private(request)
-            if handler is not None:
-                result = handler(request)
-                if result is _NO_ANSWER:
-                    return
-                if result is not _RELAY:
-                    self.reply(request.id, result, us_in)
-                    return
-            if request.method in SUBSCRIBE_METHODS:
-                await self._gateway.fanout.change(self, request, us_in)
-            else:
-                await self._relay(request)
+            await self._handle(request, us_in)
         except RpcFault as error:
             self.refuse(request.id, error, us_in)
+        except Exception:  # noqa: BLE001 (one bad request must not end a link, nor skip its COD)
+            self._gateway.unexpected_error(request.method)
+            self.refuse(request.id, RpcFault(ErrorCode.BAD_REQUEST), us_in)
+
+    async def _handle(self, request: Request, us_in: int) -> None:
+        self._check_private(request)
+        handler = self._local.get(request.method)
+        if handler is not None:
+            result = handler(request)
+            if result is _NO_ANSWER:
+                return
+            if result is not _RELAY:
+                self.reply(request.id, result, us_in)
+                return
+        if request.method in SUBSCRIBE_METHODS:
+            await self._changes_in.send((request, us_in))
+        else:
+            await self._relay(request)
 
     def reply(self, request_id: Any, result: Any, us_in: int) -> None:
         """An answer the keeper gives itself, in Deribit's envelope."""
@@ -241,11 +262,10 @@ class LocalLink:
 
     def _check_private(self, request: Request) -> None:
         """A private method needs the link's auth, or a valid ``access_token`` of this gateway
-        in its params (which is then removed: Deribit never sees a local token)."""
-        if not request.method.startswith("private/"):
-            return
+        in its params. The token is removed from every request, public ones too: Deribit never
+        sees a local token."""
         token = request.params.pop("access_token", None)
-        if not self._gateway.auth.required:
+        if not request.method.startswith("private/") or not self._gateway.auth.required:
             return
         if token is not None:
             if not isinstance(token, str) or self._gateway.auth.client_of(token) is None:
@@ -274,6 +294,12 @@ class LocalLink:
             self._settle(placing)
             self._gateway.refused(request.method)
             raise RpcFault(ErrorCode.TEMPORARILY_UNAVAILABLE) from None
+        except FrameTooLarge:
+            self._settle(placing)
+            raise RpcFault(ErrorCode.REQUEST_TOO_LARGE) from None
+        except BaseException:
+            self._settle(placing)
+            raise
 
     def _answered(
         self, request: Request, placing: bool, sent: float, answer: dict[str, Any] | None
@@ -288,13 +314,12 @@ class LocalLink:
         self.answer(request.id, answer)
 
     def _settle(self, placing: bool) -> None:
-        """One relayed request is over: free its slot; wake ``all_placed`` after the last order."""
+        """One relayed request is over: free its slot; wake ``an_order_answered``."""
         self._in_flight.release()
         if placing:
             self._placing -= 1
-            if not self._placing:
-                self._placed.set()
-                self._placed = trio.Event()
+            self._placed.set()
+            self._placed = trio.Event()
 
     # ---- methods the keeper answers itself -------------------------------------------------
 
@@ -356,10 +381,6 @@ class LocalLink:
             self._gateway.auth.revoke(self.grant)
         self.close(End.LOGOUT, 1000, "logout")
         return _NO_ANSWER
-
-    def _unsubscribe_all(self, request: Request) -> Any:
-        self._gateway.fanout.leave_all(self)
-        return "ok"
 
     # ---- local heartbeats ----------------------------------------------------------------------
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Final
 
-PLACING_METHODS: Final = frozenset({"private/buy", "private/sell", "private/edit"})
+CREATING_METHODS: Final = frozenset({"private/buy", "private/sell"})
+PLACING_METHODS: Final = CREATING_METHODS | {"private/edit"}  # answers local COD waits for
 OPEN_STATES: Final = frozenset({"open", "untriggered"})
 
 
@@ -46,12 +47,16 @@ class LinkOrders:
         return sorted(self._open)
 
     def learn(self, method: str, result: Any) -> None:
-        """Record what a relayed answer says about this link's orders."""
+        """Record what a relayed answer says about this link's orders.
+
+        Only a buy or a sell makes an order this link's: Deribit's COD follows the connection
+        that *created* an order, so a link that edits another link's order does not take it.
+        """
         for order in orders_in(result):
             order_id, state = order.get("order_id"), order.get("order_state")
-            if not isinstance(order_id, str):
+            if not isinstance(order_id, str) or not isinstance(state, str):
                 continue
-            if state in OPEN_STATES and method in PLACING_METHODS:
+            if state in OPEN_STATES and method in CREATING_METHODS:
                 self._open.add(order_id)
             elif state not in OPEN_STATES:
                 self._open.discard(order_id)
@@ -61,6 +66,6 @@ class LinkOrders:
         if not self._open:
             return
         for order in orders_in(data):
-            order_id = order.get("order_id")
-            if isinstance(order_id, str) and order.get("order_state") not in OPEN_STATES:
+            order_id, state = order.get("order_id"), order.get("order_state")
+            if isinstance(order_id, str) and isinstance(state, str) and state not in OPEN_STATES:
                 self._open.discard(order_id)
