@@ -1,8 +1,9 @@
-"""Review of the gateway: defects that would cost a trader money, each shown by a test.
+"""Review of the gateway: defects that would cost a trader money, each kept by a test.
 
-Every ``xfail(strict=True)`` test here fails today and passes once its defect is fixed; the
-reason names the defect. The layering test passes today and keeps the architecture's import
-rules (../shared/architecture.md) from eroding.
+Each test below its section comment failed on c48fb4b (the gateway as first reviewed) and
+passes since a85b032 ("Gateway: fix what review found"); the comment names the defect. The
+surrogate test guards a regression seen in a draft of those fixes (raw UTF-8 upstream frames),
+and the layering test keeps the architecture's import rules (../shared/architecture.md).
 """
 
 from __future__ import annotations
@@ -124,12 +125,6 @@ async def answer_or_close(client: Client, request_id: int) -> None:
 # ---- (2) one local client kills the upstream link for every link -----------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: a forwarded request is re-serialized (ensure_ascii, added jsonrpc/id/params) "
-    "without checking Deribit's 32 kB limit; Deribit answers -32600 without an id and the "
-    "keeper drops the upstream link, so COD cancels every link's orders",
-)
 async def test_a_request_that_grows_past_32_kb_upstream_does_not_cost_the_upstream_link(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
 ) -> None:
@@ -158,11 +153,6 @@ async def test_a_request_that_grows_past_32_kb_upstream_does_not_cost_the_upstre
 # ---- (1) one link's local COD cancels another link's order -----------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: LinkOrders.learn adds the order of any private/edit answer to the editing "
-    "link, so a link that edits another link's order later cancels it by its own local COD",
-)
 async def test_editing_another_links_order_does_not_make_it_yours_for_local_cod(
     autojump_clock: trio.testing.MockClock,
     nursery: trio.Nursery,
@@ -218,11 +208,6 @@ CRASHING_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: LocalLink._on_frame catches only RpcFault; any other exception ends the "
-    "link from inside serve(), and Gateway.run_link then skips the disconnect log and local COD",
-)
 @pytest.mark.parametrize("case", sorted(CRASHING_REQUESTS))
 async def test_a_request_the_gateway_cannot_handle_never_leaves_a_dead_links_orders_open(
     autojump_clock: trio.testing.MockClock,
@@ -256,12 +241,6 @@ async def test_a_request_the_gateway_cannot_handle_never_leaves_a_dead_links_ord
 # ---- (1) one slow order answer disables local COD for every order of the link ----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: Gateway._fire_cod first awaits link.all_placed() inside spawn()'s "
-    "request_timeout scope; an order answer slower than that cancels the whole local COD, so "
-    "none of the link's orders is cancelled and gateway.cod_fired is never logged",
-)
 async def test_a_slow_order_answer_does_not_stop_local_cod_cancelling_the_links_orders(
     autojump_clock: trio.testing.MockClock,
     nursery: trio.Nursery,
@@ -293,12 +272,6 @@ async def test_a_slow_order_answer_does_not_stop_local_cod_cancelling_the_links_
 # ---- (1) a reload that restarts the session with on_shutdown: logout orphans the orders ------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: Keeper._relaunch_after stops the old session per on_shutdown; with logout "
-    "Deribit keeps the gateway's orders, which then belong to a closed connection: no COD on "
-    "either hop protects them while the new session reports ready",
-)
 async def test_a_reload_that_restarts_the_session_leaves_no_gateway_order_unprotected(
     autojump_clock: trio.testing.MockClock,
     nursery: trio.Nursery,
@@ -325,13 +298,6 @@ async def test_a_reload_that_restarts_the_session_leaves_no_gateway_order_unprot
 # ---- (2) a slow upstream subscribe stops other links being read: false local COD ---------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: LocalLink._on_frame awaits Fanout.change in the read loop, and change holds "
-    "one account-wide lock across the upstream round trip; a link queued behind a slow "
-    "subscribe is not read, its public/test answers go unseen, and it is closed as "
-    "heartbeat_missed with its orders cancelled by local COD",
-)
 async def test_a_slow_subscribe_of_one_link_does_not_close_another_for_missed_heartbeats(
     autojump_clock: trio.testing.MockClock,
     nursery: trio.Nursery,
@@ -364,12 +330,6 @@ async def test_a_slow_subscribe_of_one_link_does_not_close_another_for_missed_he
 # ---- (2) unbounded metric series from made-up method names during an outage -------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: Gateway.refused passes the client's method name to metrics; while the "
-    "upstream is down every Deribit-shaped made-up name becomes a new series (13028 path), "
-    "so any local client, even unauthenticated, grows memory and /metrics without bound",
-)
 async def test_made_up_method_names_refused_during_an_outage_do_not_grow_the_metrics(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
 ) -> None:
@@ -397,12 +357,6 @@ async def test_made_up_method_names_refused_during_an_outage_do_not_grow_the_met
 # ---- (2) a bug in a gateway task takes the whole keeper down ----------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: local COD (and leaving channels) run in Gateway.run's nursery through "
-    "spawn(), and Keeper._run_gateway contains nothing: one unexpected exception in them (here "
-    "an odd order_state in Gateway._fire_cod) ends Keeper.run, every account's session with it",
-)
 async def test_an_odd_upstream_answer_during_local_cod_never_takes_other_accounts_down(
     autojump_clock: trio.testing.MockClock, sim: Simulator
 ) -> None:
@@ -430,12 +384,6 @@ async def test_an_odd_upstream_answer_during_local_cod_never_takes_other_account
 # ---- (2) a link that ends while its unsubscribe waits stays subscribed forever -----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: Fanout._unsubscribe removes the channels from link.channels before taking "
-    "the lock; if the link ends while it waits, _drop never runs and leave_all no longer sees "
-    "them: the dead link stays in _subscribers and the upstream subscription is never dropped",
-)
 async def test_a_link_that_ends_while_its_unsubscribe_waits_leaves_its_channels_all_the_same(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
 ) -> None:
@@ -488,13 +436,6 @@ async def test_a_lone_surrogate_in_relayed_params_gets_an_answer_and_the_link_st
 # ---- (1) a link closed while its order is being written upstream loses local COD ---------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: LocalLink._relay counts the order in _placing before sending and undoes it "
-    "only on NotReady/SessionLost; a link closed (missed heartbeat, too slow) while the send is "
-    "in progress leaves _placing at 1, so _fire_cod waits on all_placed() until its timeout "
-    "and cancels none of the link's orders",
-)
 async def test_a_link_closed_while_an_order_is_being_sent_still_has_its_orders_cancelled(
     autojump_clock: trio.testing.MockClock,
     nursery: trio.Nursery,
@@ -533,11 +474,6 @@ async def test_a_link_closed_while_an_order_is_being_sent_still_has_its_orders_c
 # ---- (3) a local token reaches Deribit ---------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: LocalLink._check_private strips access_token only from private/ methods; "
-    "a public method carrying the gateway's local token forwards it to Deribit",
-)
 async def test_a_local_access_token_never_reaches_deribit(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
 ) -> None:
