@@ -262,3 +262,27 @@ async def test_an_order_still_unanswered_when_its_link_dies_is_cancelled_too(
     await until(keeper, lambda: bool(log_lines.events("gateway.cod_fired")))
     [fired] = log_lines.events("gateway.cod_fired")
     assert fired["cancelled"] == 1
+
+
+async def test_local_cod_sends_its_cancels_a_few_at_a_time(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+) -> None:
+    """Twenty open orders, each cancel taking Deribit a second: they go eight at a time (a
+    burst could meet Deribit's rate limit, whose 10028 would end the session for every link),
+    and all twenty end cancelled."""
+    keeper = await run_keeper(nursery, gateway_account(sim))
+    async with local_client(keeper.gateways["main"]) as engine:
+        await engine.auth()
+        await engine.result("private/enable_cancel_on_disconnect")
+        for n in range(20):
+            await engine.buy(price=30_000 + n)
+        sim.delay_next("private/cancel", 1.0, times=20)
+        await engine.abort()
+        died = trio.current_time()
+    await until(keeper, lambda: bool(log_lines.events("gateway.cod_fired")))
+    assert 3 <= trio.current_time() - died < 4  # three rounds of at most eight
+    assert sim.open_orders("main-id") == []
+    assert log_lines.events("gateway.cod_fired")[0]["cancelled"] == 20

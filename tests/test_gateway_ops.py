@@ -184,3 +184,28 @@ async def test_a_gateway_that_crashes_on_a_bug_starts_again_and_the_keeper_stays
     assert all(s.ready for s in keeper.sessions.values())
     async with local_client(keeper.gateways["main"]) as engine:
         assert (await engine.call("public/test"))["result"]["version"]
+
+
+async def test_gateways_restarted_by_reloads_let_go_of_the_session(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
+) -> None:
+    """Ten reloads that each restart the gateway leave the session watched by one gateway, not
+    eleven: a keeper reloaded every day must not grow."""
+    account = gateway_account(sim)
+    keeper = await run_keeper(nursery, account)
+    session = keeper.sessions["main"]
+
+    def gateways_watching() -> tuple[int, int]:
+        observers = [
+            o for o in session._observers if isinstance(getattr(o, "__self__", None), Gateway)
+        ]
+        return len(observers), len(session._listeners)
+
+    assert gateways_watching() == (1, 1)
+    for n in range(1, 11):
+        old = keeper.gateways["main"]
+        changed = dataclasses.replace(account, gateway=gateway_config(max_clients=n))
+        keeper.reload(keeper_config(changed))
+        await until(keeper, lambda: keeper.gateways.get("main", old) is not old)  # noqa: B023
+        await until(keeper, ready_and_listening(keeper))
+    assert gateways_watching() == (1, 1)

@@ -163,6 +163,16 @@ class Session:
         """
         self._observers.append(observer)
 
+    def unwatch(self, observer: Observer) -> None:
+        """Stop calling ``observer`` (a gateway that stops lets go of the session)."""
+        if observer in self._observers:
+            self._observers.remove(observer)
+
+    def unlisten(self, listener: Listener) -> None:
+        """Stop calling ``listener``."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def listen(self, listener: Listener) -> None:
         """Call ``listener(method, params)`` for every notification but heartbeats, such as the
         ``subscription`` frames a gateway fans out. It runs in the link's reader, so it must be

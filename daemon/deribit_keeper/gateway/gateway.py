@@ -48,6 +48,7 @@ STOP_GRACE_S: Final = CLOSE_TIMEOUT_S + 0.5  # links get this long to take their
 # How long local COD waits for the answers to orders still in flight when their link died;
 # Deribit's silence would have ended the upstream link long before.
 LATE_ORDER_S: Final = 60.0
+COD_CANCELS_AT_ONCE: Final = 8  # local COD's cancels in flight at once
 MAX_KNOWN_METHODS: Final = 1024  # Deribit has a few hundred; a bound all the same
 BIND_RETRY_S: Final = 1.0  # a listen address in use is tried again after this, doubling...
 BIND_RETRY_MAX_S: Final = 30.0  # ...up to this
@@ -97,9 +98,17 @@ class Gateway:
 
     def attach(self, session: Session) -> None:
         """Relay through ``session`` from now on (the account's newest; older ones are ignored)."""
+        self._detach()
         self._session = session
         session.watch(self._on_session_event)
         session.listen(self._on_notification)
+
+    def _detach(self) -> None:
+        """Let go of the current session: a stopped gateway must not stay one of its observers
+        (a gateway restarted by every reload would pile them up)."""
+        if self._session is not None:
+            self._session.unwatch(self._on_session_event)
+            self._session.unlisten(self._on_notification)
 
     def stop(self, code: int = 1001, reason: str = "keeper shutting down") -> None:
         """Close every link with ``code`` (local COD does not fire), then stop listening."""
@@ -144,6 +153,7 @@ class Gateway:
                 background.cancel_scope.deadline = trio.current_time() + self.request_timeout
         finally:
             self.port = None
+            self._detach()
             self._emit(logging.INFO, events.GATEWAY_STOPPED, listen=self.config.bind)
             self.stopped.set()
 
@@ -278,18 +288,22 @@ class Gateway:
         the known ones at once, and those whose answers were still on their way when the link
         died as each answer arrives (for at most LATE_ORDER_S)."""
         cancelled, asked = 0, set[str]()
+        # A burst of hundreds of cancels could meet Deribit's rate limit, whose 10028 ends the
+        # session: every link's orders would go with it. A few at a time, each quick.
+        pace = trio.Semaphore(COD_CANCELS_AT_ONCE)
 
         async def cancel(order_id: str) -> None:
             nonlocal cancelled
-            with trio.move_on_after(self.request_timeout):
-                try:
-                    relayed = await self.relay("private/cancel", {"order_id": order_id})
-                    answer = await relayed.answer()
-                except (NotReady, SessionLost):
-                    return  # no upstream: Deribit's own COD cancelled what went through it
-                result = answer.get("result")
-                if isinstance(result, dict) and result.get("order_state") not in OPEN_STATES:
-                    cancelled += "error" not in answer
+            async with pace:
+                with trio.move_on_after(self.request_timeout):
+                    try:
+                        relayed = await self.relay("private/cancel", {"order_id": order_id})
+                        answer = await relayed.answer()
+                    except (NotReady, SessionLost):
+                        return  # no upstream: Deribit's own COD cancelled what went through it
+                    result = answer.get("result")
+                    if isinstance(result, dict) and result.get("order_state") not in OPEN_STATES:
+                        cancelled += "error" not in answer
 
         with trio.move_on_after(LATE_ORDER_S):
             async with trio.open_nursery() as cancels:
