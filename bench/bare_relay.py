@@ -38,6 +38,8 @@ from trio_websocket import (
     serve_websocket,
 )
 
+from deribit_keeper.serving import lifespan
+
 SERVERS: Final = ("trio-websocket", "hypercorn")
 MAX_MESSAGE_BYTES: Final = 1024 * 1024  # as the keeper's gateway caps a local frame
 
@@ -94,13 +96,8 @@ class HypercornRelay:
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)  # the keeper's own, so the floor shares its plumbing
+            return
         if scope["type"] != "websocket":
             return
         await receive()  # websocket.connect
