@@ -100,6 +100,10 @@ ERROR_CASES = [
     (acct(request_timeout=300.5), "accounts[0].request_timeout", "must be <= 300, got 300.5"),
     (acct(request_timeout=None), "accounts[0].request_timeout", "must be a number of seconds, got null"),
     (dflt(heartbeat_interval=5), "defaults.heartbeat_interval", "must be >= 10, got 5"),
+    (acct(cod_check_interval=4), "accounts[0].cod_check_interval", "must be >= 5, got 4"),
+    (dflt(cod_check_interval="60"), "defaults.cod_check_interval", "must be a number of seconds, got a string"),
+    (acct(on_start="cancel"), "accounts[0].on_start", "must be one of keep, cancel_all; got 'cancel'"),
+    (doc(http={"admin_token_file": "admin.token"}), "http.admin_token_file", "needs http.listen: nothing serves it"),
     # backoff: range, order, shape
     (acct(backoff={"initial": 0}), "accounts[0].backoff.initial", "must be > 0, got 0"),
     (acct(backoff={"max": 3601}), "accounts[0].backoff.max", "must be <= 3600, got 3601"),
@@ -846,6 +850,8 @@ def test_describe_summarises_each_account() -> None:
         "  heartbeat: every 10s; request timeout 5s",
         "  backoff: 0.5s doubling to 30s",
         "  on_shutdown: logout (private/logout first, Cancel-On-Disconnect does not fire)",
+        "  on_start: keep (orders left by an earlier run stay)",
+        "  cod check: every 60s",
         "  gateway: off",
     ]
 

@@ -45,12 +45,15 @@ Environment = Literal["test", "prod"]
 AuthMethod = Literal["signature", "credentials"]  # public/auth grant_type client_<method>
 CodScope = Literal["connection", "account"]  # scope of private/enable_cancel_on_disconnect
 ShutdownMode = Literal["close", "logout"]
+StartMode = Literal["keep", "cancel_all"]  # what on_start does to orders left by an earlier run
 GatewayAuth = Literal["clients", "none"]  # "none" is written `auth: none`; "clients" is its absence
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/deribit-keeper/config.yaml")
 CONFIG_PATH_VAR: Final = "DERIBIT_KEEPER_CONFIG"
 HEARTBEAT_MAX_S: Final = 3600.0  # an hour of silence before noticing a dead link defeats the point
 REQUEST_TIMEOUT_MAX_S: Final = 300.0  # no single Deribit request legitimately takes 5 minutes
+COD_CHECK_MIN_S: Final = 5.0  # re-reading the COD setting more often would only spend rate limit
+COD_CHECK_MAX_S: Final = 3600.0
 BACKOFF_MAX_S: Final = 3600.0  # a keeper that waits longer than an hour to retry is not keeping
 NAME_MAX_LEN: Final = 64  # account names go into every log line and metric label
 
@@ -146,6 +149,8 @@ class AccountConfig:
     on_shutdown: ShutdownMode = "close"
     request_timeout: float = 5.0
     backoff: BackoffConfig = BackoffConfig()
+    cod_check_interval: float = 60.0
+    on_start: StartMode = "keep"
     secret_source: str = field(default="inline", compare=False)
     gateway: GatewayConfig | None = field(default=None, compare=False)
 
@@ -186,10 +191,14 @@ class HttpConfig:
 
     ``host`` is bare (``::1``, not ``[::1]``), as ``socket.bind`` takes it; ``bind`` is the
     ``HOST:PORT`` form, brackets included, as hypercorn's ``Config.bind`` takes it.
+    ``admin_token`` (from ``admin_token_file``) unlocks the routes that act, such as
+    ``POST /accounts/NAME/cancel-all``; without it they are refused.
     """
 
     host: str
     port: int
+    admin_token: Secret | None = None
+    admin_token_source: str = field(default="", compare=False)
 
     @property
     def bind(self) -> str:
@@ -260,12 +269,25 @@ _SHUTDOWN_NOTES: Final = {
 }
 
 
+_START_NOTES: Final = {
+    "keep": "orders left by an earlier run stay",
+    "cancel_all": "private/cancel_all on the first ready session after the keeper starts",
+}
+
+
+def _describe_http(http: HttpConfig | None) -> str:
+    if http is None:
+        return "http: off"
+    admin = f"; admin token from {http.admin_token_source}" if http.admin_token else ""
+    return f"http: listen {http.bind} ({reach(http.host)}){admin}"
+
+
 def describe(config: KeeperConfig) -> list[str]:
     """Lines for ``deribit-keeper check``: what would run, and where each secret comes from."""
     lines = [
         f"config: {config.source}",
         f"log: level {config.log.level}, format {config.log.format}",
-        f"http: listen {http.bind} ({reach(http.host)})" if (http := config.http) else "http: off",
+        _describe_http(config.http),
         f"accounts: {len(config.accounts)}",
     ]
     for a in config.accounts:
@@ -280,6 +302,8 @@ def describe(config: KeeperConfig) -> list[str]:
             f"  heartbeat: every {a.heartbeat_interval:g}s; request timeout {a.request_timeout:g}s",
             f"  backoff: {a.backoff.initial:g}s doubling to {a.backoff.max:g}s",
             f"  on_shutdown: {a.on_shutdown} ({_SHUTDOWN_NOTES[a.on_shutdown]})",
+            f"  on_start: {a.on_start} ({_START_NOTES[a.on_start]})",
+            f"  cod check: every {a.cod_check_interval:g}s",
             f"  gateway: {describe_gateway(a.gateway)}",
         ]
     return lines
@@ -289,7 +313,7 @@ def describe(config: KeeperConfig) -> list[str]:
 
 _TOP_KEYS: Final = ("log", "http", "defaults", "accounts")
 _LOG_KEYS: Final = ("level", "format")
-_HTTP_KEYS: Final = ("listen",)
+_HTTP_KEYS: Final = ("listen", "admin_token_file")
 _BACKOFF_KEYS: Final = ("initial", "max")
 # What an account must set itself, never inherit, and why; all but `gateway` identify it.
 _OWN_KEYS: Final = {
@@ -299,7 +323,7 @@ _OWN_KEYS: Final = {
 }
 _SHARED_KEYS: Final = (
     *("environment", "url", "auth", "heartbeat_interval", "cancel_on_disconnect"),
-    *("on_shutdown", "request_timeout", "backoff"),
+    *("on_shutdown", "request_timeout", "backoff", "cod_check_interval", "on_start"),
 )
 _ENDPOINT_KEYS: Final = frozenset({"url", "environment"})
 _NAME: Final = re.compile(r"[A-Za-z0-9_.-]+")
@@ -320,6 +344,8 @@ class _Settings(NamedTuple):
     on_shutdown: ShutdownMode
     request_timeout: float
     backoff: BackoffConfig
+    cod_check_interval: float
+    on_start: StartMode
 
 
 class _Loader(GatewayChecker):
@@ -348,7 +374,7 @@ class _Loader(GatewayChecker):
                 raise self.error(f"accounts[{i}].name", f"{account.name!r} is already {where}")
             first[account.name] = i
         # No section, or one with every line commented out: no endpoint, as for log below.
-        endpoint = HttpConfig(*self.listen(http["listen"])) if "listen" in http else None
+        endpoint = self.http(http)
         self.unique_listens(accounts, endpoint)
         return KeeperConfig(
             source=self.source,
@@ -360,6 +386,22 @@ class _Loader(GatewayChecker):
             http=endpoint,
             warnings=tuple(self.warnings),
         )
+
+    def http(self, http: dict[str, Raw]) -> HttpConfig | None:
+        """The endpoint, or None without ``listen`` (no section, or every line commented out)."""
+        if "listen" not in http:
+            if "admin_token_file" in http:
+                raise self.error("http.admin_token_file", "needs http.listen: nothing serves it")
+            return None
+        host, port = self.listen(http["listen"])
+        if "admin_token_file" not in http:
+            return HttpConfig(host, port)
+        raw = http["admin_token_file"]
+        path = self.secret_path(raw)
+        token = self.read_secret(raw, path)
+        if not token or token != token.strip() or "\n" in token or "\r" in token:
+            raise self.error(raw.path, f"the token in {path} must be one non-empty line")
+        return HttpConfig(host, port, Secret(token), f"file {path}")
 
     def defaults(self, raw: Raw) -> dict[str, Raw]:
         """The flattened ``defaults``; each value is checked even if every account overrides it."""
@@ -437,6 +479,14 @@ class _Loader(GatewayChecker):
                 get("request_timeout"), _DEFAULTS["request_timeout"], 0, REQUEST_TIMEOUT_MAX_S
             ),
             backoff=self.backoff(fields, merged=account_path is not None),
+            cod_check_interval=self.seconds(
+                get("cod_check_interval"),
+                _DEFAULTS["cod_check_interval"],
+                COD_CHECK_MIN_S,
+                COD_CHECK_MAX_S,
+                inclusive=True,
+            ),
+            on_start=self.choice(get("on_start"), get_args(StartMode), _DEFAULTS["on_start"]),
         )
 
     def backoff(self, fields: dict[str, Raw], *, merged: bool) -> BackoffConfig:

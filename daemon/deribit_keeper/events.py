@@ -16,6 +16,7 @@ KEEPER_CRASHED: Final = "keeper.crashed"
 KEEPER_RELOADED: Final = "keeper.reloaded"
 KEEPER_RELOAD_FAILED: Final = "keeper.reload_failed"
 KEEPER_HTTP_FAILED: Final = "keeper.http_failed"
+KEEPER_CANCEL_ALL: Final = "keeper.cancel_all"  # the panic button: account, cancelled, source
 
 SESSION_CONNECTING: Final = "session.connecting"
 SESSION_AUTHENTICATING: Final = "session.authenticating"
@@ -32,6 +33,9 @@ SESSION_UNEXPECTED_ERROR: Final = "session.unexpected_error"
 SESSION_OBSERVER_FAILED: Final = "session.observer_failed"
 SESSION_LOGOUT_FAILED: Final = "session.logout_failed"
 SESSION_TEST_REQUEST_REFUSED: Final = "session.test_request_refused"
+SESSION_COD_DRIFT: Final = "session.cod_drift"  # COD found off behind the keeper's back
+SESSION_COD_CHECK_FAILED: Final = "session.cod_check_failed"
+SESSION_START_CANCEL_ALL: Final = "session.start_cancel_all"  # on_start: cancel_all, with the count
 
 GATEWAY_LISTENING: Final = "gateway.listening"
 GATEWAY_LISTEN_FAILED: Final = "gateway.listen_failed"

@@ -61,6 +61,19 @@ def _iso(wall: float | None) -> str | None:
     )
 
 
+def _count_of(result: Any) -> int:
+    """The number a ``private/cancel_all`` answered (a list with ``detailed``: its length).
+
+    Raises:
+        SessionLost: the answer is neither, so the count cannot be told.
+    """
+    if isinstance(result, list):
+        return len(result)
+    if isinstance(result, int) and not isinstance(result, bool) and result >= 0:
+        return result
+    raise SessionLost("malformed_answer", "private/cancel_all answered without a count")
+
+
 class SessionState(Enum):
     """Where one account's link stands. Only READY means COD is confirmed on a live link."""
 
@@ -200,6 +213,23 @@ class Session:
         return await rpc.send_relayed(
             method, params, None if on_answer is None else self._contained(on_answer)
         )
+
+    async def cancel_all(self) -> int:
+        """Cancel every open order of the account (``private/cancel_all``) over the ready link,
+        and return how many Deribit cancelled: the operator's panic button.
+
+        It goes over this session's link because it is the account's one session: a second
+        connection would need the secret elsewhere and break the one-session promise.
+
+        Raises:
+            NotReady: the session is not ready; nothing was sent.
+            RpcError: Deribit refused it.
+            SessionLost: no answer within the request timeout, or the link ended meanwhile.
+        """
+        rpc = self.rpc
+        if rpc is None or self.state is not SessionState.READY:
+            raise NotReady(self.state.value)
+        return _count_of(await rpc.call("private/cancel_all"))
 
     def _contained(self, on_answer: OnAnswer) -> OnAnswer:
         """``on_answer`` with its bugs logged: raised in the reader, one would end the link."""

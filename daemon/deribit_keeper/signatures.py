@@ -126,5 +126,9 @@ def http_signature(
     ``f"{timestamp_ms}\\n{nonce}\\n{RequestData}"`` (sheet, "The same API over HTTP"). That is
     ``protocol.sign`` with RequestData as its data, so both formulas share one HMAC.
     """
-    request_data = f"{method.upper()}\n{uri}\n{body}\n"
-    return sign(secret, timestamp_ms, nonce, request_data)
+    return sign(secret, timestamp_ms, nonce, http_request_data(method, uri, body))
+
+
+def http_request_data(method: str, uri: str, body: str) -> str:
+    """The ``data`` an HTTP signature signs, so that ``SignatureVerifier.verify`` checks one."""
+    return f"{method.upper()}\n{uri}\n{body}\n"
