@@ -106,6 +106,11 @@ class Simulator:
         """The stored account-level COD setting of ``client_id`` (KeyError if unknown)."""
         return self._exchange.account_cod(client_id)
 
+    def set_account_cod(self, client_id: str, enabled: bool) -> None:
+        """Change the stored account-level COD setting behind every client's back, as the web UI
+        or another tool can (KeyError if unknown); open connections keep their own."""
+        self._exchange.set_account_cod(client_id, enabled)
+
     def orders(self, client_id: str, *, conn: SimConnection | None = None) -> list[dict[str, Any]]:
         """Every order of ``client_id`` in any state, oldest first, as Deribit shows them.
 
