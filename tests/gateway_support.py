@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
+import h11
 import trio
 from trio_websocket import (
     CloseReason,
@@ -30,6 +31,7 @@ from deribit_keeper.config import AccountConfig, GatewayConfig, LocalClient
 from deribit_keeper.gateway import Gateway
 from deribit_keeper.protocol import sign
 from deribit_keeper.session import SessionState
+from deribit_keeper.signatures import http_signature
 from deribit_keeper.simulator import SimConnection, Simulator
 from deribit_keeper.supervisor import Keeper
 
@@ -263,3 +265,74 @@ async def refused_with(gateway: Gateway, path: str = "/ws/api/v2") -> int | None
 
 AUTHORIZED = (ENGINE, RESEARCH)
 __all__ = ["AUTHORIZED", "ENGINE", "RESEARCH", "Client", "local_client", "run_keeper"]
+
+
+# ---- Deribit's HTTP API, as a REST client speaks it ---------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpAnswer:
+    status: int
+    body: dict[str, Any]
+
+
+def hmac_header(
+    client: LocalClient,
+    method: str,
+    uri: str,
+    body: str = "",
+    *,
+    timestamp: int | None = None,
+    nonce: str | None = None,
+) -> str:
+    """``Authorization: deri-hmac-sha256 ...`` for one request, as ccxt builds it."""
+    ts = int(time.time() * 1000) if timestamp is None else timestamp
+    nonce = secrets.token_hex(8) if nonce is None else nonce
+    sig = http_signature(client.client_secret.reveal(), ts, nonce, method, uri, body)
+    return f"deri-hmac-sha256 id={client.client_id},ts={ts},sig={sig},nonce={nonce}"
+
+
+async def http_call(
+    port: int,
+    method: str,
+    target: str,
+    *,
+    body: bytes = b"",
+    headers: tuple[tuple[str, str], ...] = (),
+) -> HttpAnswer:
+    """One HTTP/1.1 request on a fresh connection (h11, hypercorn's own parser) and its JSON."""
+    conn = h11.Connection(h11.CLIENT)
+    head = [("Host", f"127.0.0.1:{port}"), ("Connection", "close"), *headers]
+    if method == "POST" or body:
+        head.append(("Content-Length", str(len(body))))
+        head.append(("Content-Type", "application/json"))
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    with trio.fail_after(30):
+        try:
+            out = conn.send(h11.Request(method=method, target=target, headers=head))
+            out += conn.send(h11.Data(data=body)) if body else b""
+            out += conn.send(h11.EndOfMessage())
+            await stream.send_all(out)
+            status, chunks = 0, []
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+        finally:
+            await trio.aclose_forcefully(stream)
+    return HttpAnswer(status, json.loads(b"".join(chunks)))
+
+
+async def http_private(
+    port: int, method: str, query: str = "", *, client: LocalClient = ENGINE
+) -> HttpAnswer:
+    """``GET /api/v2/{method}?query`` signed with ``client``'s local secret."""
+    uri = f"/api/v2/{method}" + (f"?{query}" if query else "")
+    auth = hmac_header(client, "GET", uri)
+    return await http_call(port, "GET", uri, headers=(("Authorization", auth),))

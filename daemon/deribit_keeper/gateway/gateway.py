@@ -33,10 +33,11 @@ from ..rpc import OnAnswer, Relayed
 from ..serving import serve_asgi
 from ..session import Session
 from .fanout import Fanout
+from .http_api import HttpApi
 from .link import CLOSE_TIMEOUT_S, Closing, End, LocalLink
 from .listener import GatewayApp
 from .local_auth import LocalAuth
-from .orders import OPEN_STATES
+from .orders import OPEN_STATES, LinkOrders
 
 # (method, outcome, seconds) of every request the gateway relayed or refused; seconds is None
 # for a refusal. Outcomes: "result", "error" (Deribit's), "unavailable" (13028, not sent).
@@ -69,6 +70,7 @@ class Gateway:
         self.config = config
         self.auth = LocalAuth(config)
         self.fanout = Fanout(self)
+        self.http_api = HttpApi(self)
         self.links: dict[int, LocalLink] = {}
         self.port: int | None = None  # the bound port, once listening
         self.testnet = account.environment != "prod"  # then whatever Deribit's answers say
@@ -78,6 +80,9 @@ class Gateway:
         self._on_relayed = on_relayed
         self._observers: list[GatewayObserver] = []
         self._ids = itertools.count(1)
+        # Orders each local client placed over HTTP: local COD cancels them with its last link.
+        self.client_orders: dict[str, LinkOrders] = {}
+        self._order_settled = trio.Event()
         self._known_methods: set[str] = set()  # names Deribit answered as methods it has
         self._nursery: trio.Nursery | None = None
         self._stop: tuple[int, str] | None = None
@@ -124,6 +129,7 @@ class Gateway:
             "port": self.port,
             "listening": self.port is not None and self._stop is None,
             "links": [link.snapshot() for link in self.links.values()],
+            "http_open_orders": {c: len(o) for c, o in sorted(self.client_orders.items()) if o},
             "upstream_channels": self.fanout.channels(),
         }
 
@@ -207,20 +213,21 @@ class Gateway:
         elif len(self._known_methods) < MAX_KNOWN_METHODS:
             self._known_methods.add(method)
         if outcome == "result" and not method.startswith(("private/buy", "private/sell")):
-            for link in self.links.values():
-                link.orders.observe(answer.get("result"))
+            for book in self._books():
+                book.observe(answer.get("result"))
         self._count(method, outcome, seconds)
 
     def refused(self, method: str) -> None:
         # Only a name Deribit has answered becomes a label: a refusal proves nothing about it.
         self._count(method if method in self._known_methods else "other", "unavailable", None)
 
-    def authenticated(self, link: LocalLink) -> None:
+    def authenticated(self, client_id: str, scope: str, *, transport: str) -> None:
         self._emit(
             logging.INFO,
             events.GATEWAY_CLIENT_AUTHENTICATED,
-            client_id=link.client_id,
-            scope=link.scope,
+            client_id=client_id,
+            scope=scope,
+            transport=transport,
         )
 
     def spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
@@ -278,15 +285,45 @@ class Gateway:
             code=closing.code,
             open_orders=open_orders,
         )
-        if closing.end.fires_cod and link.cod and (open_orders or link.placing):
-            self.spawn(self._fire_cod, link)
+        books = self._books_to_cancel(link, closing)
+        if any(len(book) or book.placing for book in books):
+            self.spawn(self._fire_cod, link, books)
+
+    def orders_of_client(self, client_id: str) -> LinkOrders:
+        """The record of what ``client_id`` placed over HTTP (made on first use)."""
+        book = self.client_orders.get(client_id)
+        if book is None:
+            book = self.client_orders[client_id] = LinkOrders()
+        return book
+
+    def order_settled(self) -> None:
+        """A buy, sell or edit in flight has its answer (or never will): wake local COD."""
+        self._order_settled.set()
+        self._order_settled = trio.Event()
+
+    def _books_to_cancel(self, link: LocalLink, closing: Closing) -> list[LinkOrders]:
+        """What local COD cancels for a link that ended: its own orders if its COD is on, and
+        with ``cancel_on_disconnect`` configured, its client's HTTP orders too when it was that
+        client's last link (the engine is gone, whichever transport it placed with)."""
+        if not (closing.end.fires_cod and link.cod):
+            return []
+        books = [link.orders]
+        client = link.client_id
+        others = any(other.client_id == client for other in self.links.values())
+        if self.config.cancel_on_disconnect and client in self.client_orders and not others:
+            books.append(self.client_orders[client])
+        return books
+
+    def _books(self) -> list[LinkOrders]:
+        return [*(link.orders for link in self.links.values()), *self.client_orders.values()]
 
     # ---- the two hops' COD --------------------------------------------------------------------
 
-    async def _fire_cod(self, link: LocalLink) -> None:
-        """Cancel, through the upstream connection, every order ``link`` created that is open:
-        the known ones at once, and those whose answers were still on their way when the link
-        died as each answer arrives (for at most LATE_ORDER_S)."""
+    async def _fire_cod(self, link: LocalLink, books: list[LinkOrders]) -> None:
+        """Cancel, through the upstream connection, every open order in ``books`` (what the
+        dead ``link`` and, maybe, its client over HTTP created): the known ones at once, and
+        those whose answers were still on their way as each answer arrives (for at most
+        LATE_ORDER_S)."""
         cancelled, asked = 0, set[str]()
         # A burst of hundreds of cancels could meet Deribit's rate limit, whose 10028 ends the
         # session: every link's orders would go with it. A few at a time, each quick.
@@ -308,12 +345,12 @@ class Gateway:
         with trio.move_on_after(LATE_ORDER_S):
             async with trio.open_nursery() as cancels:
                 while True:
-                    for order_id in set(link.orders.open_ids()) - asked:
+                    for order_id in {i for book in books for i in book.open_ids()} - asked:
                         asked.add(order_id)
                         cancels.start_soon(cancel, order_id)
-                    if not link.placing:
+                    if not any(book.placing for book in books):
                         break
-                    await link.an_order_answered()
+                    await self._order_settled.wait()
         self._emit(
             logging.WARNING,
             events.GATEWAY_COD_FIRED,
@@ -328,10 +365,18 @@ class Gateway:
         if event == events.SESSION_LOST and fields.get("state") == "ready":
             closed = self._close_all(End.UPSTREAM_LOST, 1013, f"upstream lost: {fields['reason']}")
             self.fanout.reset()
+            self._forget_client_orders()
             self._emit(logging.WARNING, events.GATEWAY_UPSTREAM_LOST, clients_closed=closed)
         elif event == events.SESSION_STOPPING:
             self._close_all(End.UPSTREAM_RESTARTED, 1012, "upstream restarting")
             self.fanout.reset()
+            self._forget_client_orders()
+
+    def _forget_client_orders(self) -> None:
+        """The upstream link ended without logout: Deribit's COD cancelled every order that
+        went through it, HTTP ones included."""
+        for book in self.client_orders.values():
+            book.forget_all()
 
     def _on_notification(self, method: str, params: Any) -> None:
         if method != "subscription" or not isinstance(params, dict):
@@ -339,8 +384,8 @@ class Gateway:
         self.fanout.deliver(params)
         channel = params.get("channel")
         if isinstance(channel, str) and channel.startswith(USER_ORDERS):
-            for link in self.links.values():
-                link.orders.observe(params.get("data"))
+            for book in self._books():
+                book.observe(params.get("data"))
 
     def _close_all(self, end: End, code: int, reason: str) -> int:
         links = list(self.links.values())

@@ -40,7 +40,7 @@ from ..jsonrpc import (
 from ..protocol import API_VERSION, HEARTBEAT_MIN_S, ErrorCode
 from .frames import relayed_frame
 from .local_auth import LocalGrant
-from .orders import PLACING_METHODS, LinkOrders
+from .orders import LinkOrders
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -107,8 +107,6 @@ class LocalLink:
             QUEUED_CHANGES
         )
         self._test_outstanding = False
-        self._placing = 0
-        self._placed = trio.Event()
         self._heartbeat_scope: trio.CancelScope | None = None
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
@@ -149,15 +147,6 @@ class LocalLink:
         if self.closing is None:
             self.closing = Closing(end, code, reason)
         self._scope.cancel()
-
-    @property
-    def placing(self) -> int:
-        """Orders sent (buy, sell, edit) whose answers have not come yet."""
-        return self._placing
-
-    async def an_order_answered(self) -> None:
-        """Return once the next buy, sell or edit still in flight is answered (or lost)."""
-        await self._placed.wait()
 
     def push(self, frame: str) -> None:
         """Queue a frame for the client; a client that stopped reading is closed."""
@@ -282,8 +271,7 @@ class LocalLink:
         await self._in_flight.acquire()
         # A buy, sell or edit is followed to its answer even if this link dies meanwhile:
         # local COD must learn the order's id to cancel it.
-        placing, sent = request.method in PLACING_METHODS, trio.current_time()
-        self._placing += placing
+        placing, sent = self.orders.sending(request.method), trio.current_time()
 
         def on_answer(answer: dict[str, Any] | None) -> None:
             self._answered(request, placing, sent, answer)
@@ -314,32 +302,26 @@ class LocalLink:
         self.answer(request.id, answer)
 
     def _settle(self, placing: bool) -> None:
-        """One relayed request is over: free its slot; wake ``an_order_answered``."""
+        """One relayed request is over: free its slot; tell local COD if it placed an order."""
         self._in_flight.release()
+        self.orders.settled(placing)
         if placing:
-            self._placing -= 1
-            self._placed.set()
-            self._placed = trio.Event()
+            self._gateway.order_settled()
 
     # ---- methods the keeper answers itself -------------------------------------------------
 
     def _auth(self, request: Request) -> Any:
         grant = self._gateway.auth.authenticate(request.params, wall_now=self._gateway.wall_clock())
         self.client_id, self.scope, self.grant = grant.client_id, grant.scope, grant
-        self._gateway.authenticated(self)
+        self._gateway.authenticated(grant.client_id, grant.scope, transport="websocket")
         return grant.result()
 
     def _hello(self, request: Request) -> Any:
-        get_str(request.params, "client_name")
-        get_str(request.params, "client_version")
-        return {"version": API_VERSION}
+        return hello(request.params)
 
     def _test(self, request: Request) -> Any:
         self._test_outstanding = False  # any public/test answers the test_request
-        if "expected_result" in request.params:
-            get_choice(request.params, "expected_result", ("exception",))
-            raise RpcFault(ErrorCode.TEMPORARILY_UNAVAILABLE)  # as the simulator chooses
-        return {"version": API_VERSION}
+        return test(request.params)
 
     def _set_heartbeat(self, request: Request) -> Any:
         interval = get_number(request.params, "interval")
@@ -409,6 +391,21 @@ class LocalLink:
                 self.push(TEST_REQUEST)
 
 
+def hello(params: dict[str, Any]) -> Any:
+    """``public/hello``, answered by the gateway itself (over WebSocket and HTTP alike)."""
+    get_str(params, "client_name")
+    get_str(params, "client_version")
+    return {"version": API_VERSION}
+
+
+def test(params: dict[str, Any]) -> Any:
+    """``public/test``, answered by the gateway itself: it tests the local hop."""
+    if "expected_result" in params:
+        get_choice(params, "expected_result", ("exception",))
+        raise RpcFault(ErrorCode.TEMPORARILY_UNAVAILABLE)  # as the simulator chooses
+    return {"version": API_VERSION}
+
+
 _NO_ANSWER: Final = object()  # a local method that answers by closing the link (logout)
 _RELAY: Final = object()  # a local method that hands the request on (COD with scope account)
 
@@ -418,4 +415,4 @@ def _iso(wall: float) -> str:
     return moment.replace("+00:00", "Z")
 
 
-__all__ = ["End", "LocalLink"]
+__all__ = ["End", "LocalLink", "hello", "test"]

@@ -1,9 +1,10 @@
-"""The gateway's ASGI app: WebSocket handshakes on ``/ws/api/v2``, served by hypercorn.
+"""The gateway's ASGI app: WebSocket on ``/ws/api/v2`` and HTTP on ``/api/v2``, one port.
 
-hypercorn does the HTTP and WebSocket protocol work (handshake, permessage-deflate, framing,
-the 1 MiB frame cap); this app only decides whether to accept a handshake and hands each
-accepted WebSocket to the gateway. A refused handshake gets an HTTP status, as Deribit refuses
-a 33rd connection with 429: 404 for another path, 429 past ``max_clients``, 503 while stopping.
+hypercorn does the HTTP and WebSocket protocol work (HTTP/1.1, handshake, permessage-deflate,
+framing, the 1 MiB frame cap); this app only decides whether to accept a handshake, hands each
+accepted WebSocket to the gateway and each ``/api/v2`` request to its ``HttpApi``. A refused
+handshake gets an HTTP status, as Deribit refuses a 33rd connection with 429: 404 for another
+path, 429 past ``max_clients``, 503 while stopping.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Final
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
+from ..rest import API_PREFIX
 from ..serving import lifespan
 
 if TYPE_CHECKING:
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
 
 API_PATH: Final = "/ws/api/v2"
 _REFUSALS: Final = {
-    404: "not found: the gateway serves ws://HOST:PORT/ws/api/v2",
+    404: "not found: the gateway serves ws://HOST:PORT/ws/api/v2 and http://HOST:PORT/api/v2",
     429: "too many local links: max_clients reached",
     503: "the gateway is stopping",
 }
@@ -47,6 +49,8 @@ class GatewayApp:
             client = scope.get("client")
             peer = f"{client[0]}:{client[1]}" if client else "unknown"
             await self._gateway.run_link(peer, receive, send)
+        elif scope["path"] == API_PREFIX or scope["path"].startswith(API_PREFIX + "/"):
+            await self._gateway.http_api.serve(scope, receive, send)
         else:
             await _answer(send, 404, _REFUSALS[404])
 

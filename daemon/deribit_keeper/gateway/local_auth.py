@@ -21,6 +21,7 @@ from typing import Any, Final
 from ..config import GatewayConfig
 from ..jsonrpc import RpcFault, get_choice, get_int, get_str, opt_str
 from ..protocol import ErrorCode
+from ..rest import Signed
 from ..signatures import SignatureRejected, SignatureVerifier
 
 GRANT_TYPES: Final = ("client_credentials", "client_signature", "refresh_token")
@@ -114,17 +115,35 @@ class LocalAuth:
         timestamp = get_int(params, "timestamp")
         nonce, signature = get_str(params, "nonce"), get_str(params, "signature")
         data = opt_str(params, "data", "")
+        self.check_signed(Signed(client_id, timestamp, nonce, signature), data, wall_now=wall_now)
+
+    def check_signed(self, signed: Signed, data: str, *, wall_now: float) -> str:
+        """The client a signature over ``data`` proves (a ``client_signature`` auth, or an HTTP
+        ``deri-hmac-sha256`` header over its RequestData), its nonce now used up; with
+        ``auth: none`` the id it names, unchecked.
+
+        Raises:
+            RpcFault: 13004 for an unknown client id; 13009 for a bad signature, a stale
+                timestamp or a reused nonce.
+        """
         if self._open:
-            return
-        secret = self._secrets.get(client_id)
+            return signed.client_id
+        secret = self._secrets.get(signed.client_id)
         if secret is None:
             raise RpcFault(ErrorCode.INVALID_CREDENTIALS)
         try:
             self._verifier.verify(
-                client_id, secret.reveal(), timestamp, nonce, signature, data, wall_now=wall_now
+                signed.client_id,
+                secret.reveal(),
+                signed.timestamp_ms,
+                signed.nonce,
+                signed.signature,
+                data,
+                wall_now=wall_now,
             )
         except SignatureRejected:
             raise RpcFault(ErrorCode.UNAUTHORIZED) from None
+        return signed.client_id
 
     def _redeem(self, refresh_token: str, scope: str) -> tuple[str, str]:
         """A refresh token is good once; the new grant keeps its scope unless another is asked."""

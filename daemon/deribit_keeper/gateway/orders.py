@@ -1,8 +1,9 @@
-"""Which open orders each local link created: what local COD cancels when the link dies.
+"""Which open orders each local owner created: what local COD cancels when the owner goes.
 
 Deribit's COD knows which connection created an order. Through the gateway every order is
 created on the keeper's one upstream connection, so Deribit cannot tell the engine's links
-apart; the gateway keeps that record itself. It learns an order's id from the answers it relays
+apart; the gateway keeps that record itself, for each local link and, for orders placed over
+HTTP, for each local client. It learns an order's id from the answers it relays
 (``private/buy``, ``private/sell``, ``private/edit``) and forgets the order once an answer or a
 ``user.orders`` notification shows it is no longer open (filled, cancelled, rejected).
 """
@@ -33,15 +34,32 @@ def orders_in(result: Any) -> Iterable[dict[str, Any]]:
 
 
 class LinkOrders:
-    """The ids of the still-open orders one local link created."""
+    """The ids of the still-open orders one owner (a local link, or a local client's HTTP
+    requests) created, and how many of its buys, sells and edits are still unanswered: local
+    COD must wait for those answers to learn what to cancel."""
 
-    __slots__ = ("_open",)
+    __slots__ = ("_open", "placing")
 
     def __init__(self) -> None:
         self._open: set[str] = set()
+        self.placing = 0
 
     def __len__(self) -> int:
         return len(self._open)
+
+    def sending(self, method: str) -> bool:
+        """Note a request about to be relayed; True if it is one whose answer COD waits for."""
+        placing = method in PLACING_METHODS
+        self.placing += placing
+        return placing
+
+    def settled(self, placing: bool) -> None:
+        """A request ``sending`` said was placing has its answer (or never will)."""
+        self.placing -= placing
+
+    def forget_all(self) -> None:
+        """Deribit's own COD cancelled everything that went upstream: nothing is left open."""
+        self._open.clear()
 
     def open_ids(self) -> list[str]:
         return sorted(self._open)
