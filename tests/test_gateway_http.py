@@ -111,6 +111,7 @@ async def test_a_clients_http_orders_go_with_its_last_link_when_local_cod_is_con
                 await engine.buy(price=31000),
                 placed(await http_private(port, "private/buy", BUY)),
             ]
+            assert gateway.snapshot()["http_open_orders"] == {"engine": 1, "research": 1}
             await engine.abort()
             with trio.fail_after(1):
                 await sim.wait_for(lambda: len(sim.open_orders("main-id")) == 2)
@@ -284,3 +285,32 @@ async def test_bad_http_input_gets_clean_errors_and_the_gateway_goes_on(
     assert (await http_call(port, "DELETE", "/api/v2/public/test")).status == 405
     assert (await http_call(port, "GET", "/elsewhere")).status == 404
     assert placed(await http_private(port, "private/buy", BUY))["order_state"] == "open"
+
+
+async def test_an_http_order_still_unanswered_when_the_last_link_dies_is_cancelled_too(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
+) -> None:
+    """Deribit is slow to answer an HTTP buy; the client's link dies meanwhile: once the answer
+    names the order, local COD cancels it."""
+    account = gateway_account(sim, gateway=gateway_config(cancel_on_disconnect=True))
+    keeper = await run_keeper(nursery, account)
+    gateway = keeper.gateways["main"]
+    assert gateway.port is not None
+    port = gateway.port
+    answers: list[HttpAnswer] = []
+
+    async def buy_slowly() -> None:
+        answers.append(await http_private(port, "private/buy", BUY))
+
+    async with local_client(gateway) as engine:
+        await engine.auth()
+        sim.delay_next("private/buy", 3)
+        nursery.start_soon(buy_slowly)
+        await sim.wait_for(lambda: "private/buy" in upstream(sim).methods())
+        await engine.abort()
+    with trio.fail_after(5):
+        await sim.wait_for(lambda: bool(sim.orders("main-id")) and not sim.open_orders("main-id"))
+    await until(keeper, lambda: bool(answers))
+    [order] = sim.orders("main-id")
+    assert placed(answers[0])["order_id"] == order["order_id"]
+    assert order["cancel_reason"] == "user_request"
