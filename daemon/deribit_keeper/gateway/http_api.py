@@ -172,6 +172,9 @@ class HttpApi:
             except FrameTooLarge:
                 on_answer(None)
                 raise RpcFault(ErrorCode.REQUEST_TOO_LARGE) from None
+            except BaseException:  # cancelled while sending: no answer will ever come
+                on_answer(None)
+                raise
             await arrived.wait()
         answer = outcome[0]
         if answer is None:  # the upstream link died first; Deribit's COD covers what it sent
