@@ -1,28 +1,46 @@
-"""The ``deribit-keeper`` command: run | check | simulate | demo | probe.
+"""The ``deribit-keeper`` command: run | check | cancel-all | simulate | demo | probe.
 
 Exit codes follow sysexits: 0 after a clean stop, 78 (EX_CONFIG) for any configuration problem,
 reported as one line naming the file, the key path and what is wrong; 1 for anything unexpected.
+``cancel-all`` exits 1, with one line on stderr, when the running keeper refuses or cannot do it.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Final
+from urllib.parse import quote
 
 import trio
 
 from . import __version__, events, logs
-from .config import LogConfig, default_config_path, describe, load_config
+from .config import (
+    HttpConfig,
+    KeeperConfig,
+    LogConfig,
+    Secret,
+    default_config_path,
+    describe,
+    load_config,
+)
 from .errors import ConfigError
 
 EX_OK: Final = 0
 EX_SOFTWARE: Final = 1
 EX_CONFIG: Final = 78
+
+# cancel-all waits for the keeper, which waits for Deribit up to the account's request timeout:
+# allow that much plus this for the hop to the keeper itself.
+CANCEL_ALL_MARGIN_S: Final = 5.0
+_WILDCARDS: Final = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +53,12 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the keeper in the foreground until SIGTERM/SIGINT")
     check = commands.add_parser("check", help="validate the config and print a summary")
-    for each in (run, check):
+    cancel_all = commands.add_parser(
+        "cancel-all",
+        help="cancel every open order of ACCOUNT through the running keeper's endpoint",
+    )
+    cancel_all.add_argument("account", metavar="ACCOUNT", help="the account's name in the config")
+    for each in (run, check, cancel_all):
         each.add_argument(
             "--config",
             type=Path,
@@ -77,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args.config)
         if args.command == "run":
             return _run(args.config, args.shard)
+        if args.command == "cancel-all":
+            return _cancel_all(args.config, args.account)
         if args.command == "probe":
             from .probe import probe
 
@@ -116,6 +141,105 @@ def _run(path: Path | None, shard_arg: str | None) -> int:
         raise ConfigError("shard", "", str(error)) from None
     logs.configure(config.log)
     return _run_logged(lambda: trio.run(Keeper(config, shard=shard).run))
+
+
+def _cancel_all(path: Path | None, account: str) -> int:
+    """Ask the running keeper (``http.listen``) to cancel every open order of ``account``.
+
+    It goes through the keeper's own session: this process never talks to Deribit, so it needs
+    no account secret, only the admin token, which it reads from the same file the keeper does.
+    Prints the keeper's JSON answer on success; otherwise one line on stderr and exit 1.
+    """
+    config = load_config(_config_path(path))
+    endpoint, token = _admin_endpoint(config)
+    # A keeper listening on every address is reached on loopback, where it listens too.
+    endpoint = replace(endpoint, host=_WILDCARDS.get(endpoint.host, endpoint.host))
+    timeout = max((a.request_timeout for a in config.accounts), default=0.0) + CANCEL_ALL_MARGIN_S
+    try:
+        status, body = _post_cancel_all(endpoint, account, token, timeout)
+    except TimeoutError:
+        unknown = "the orders may or may not be cancelled: check them or run cancel-all again"
+        problem = f"no answer from the keeper at {endpoint.bind} within {timeout:g}s; {unknown}"
+        return _cancel_all_error(account, problem)
+    except ConnectionRefusedError:
+        problem = f"nothing listens at {endpoint.bind}: is the keeper running?"
+        return _cancel_all_error(account, problem)
+    except (OSError, http.client.HTTPException) as error:
+        problem = f"cannot reach the keeper at {endpoint.bind}: {type(error).__name__}: {error}"
+        return _cancel_all_error(account, problem)
+    if status == 401:
+        hint = f"this command sent the token in {endpoint.admin_token_source}; if the keeper "
+        hint += "started with another (or none), reload it (SIGHUP)"
+        return _cancel_all_error(account, f"{_refusal(status, body)} ({hint})")
+    if status != 200:
+        return _cancel_all_error(account, _refusal(status, body))
+    print(body.decode(errors="replace").strip())
+    return EX_OK
+
+
+def _admin_endpoint(config: KeeperConfig) -> tuple[HttpConfig, Secret]:
+    """``http`` and its admin token, or the ConfigError that says what the config lacks.
+
+    All is checked before anything is sent: without a section, a token or a known port no
+    request could succeed.
+    """
+    source, endpoint = str(config.source), config.http
+    if endpoint is None:
+        problem = "not set: cancel-all asks the running keeper's endpoint, and this config has none"
+        raise ConfigError(source, "http.listen", problem)
+    if endpoint.admin_token is None:
+        problem = "not set: the keeper refuses cancel-all to anyone without the admin token"
+        raise ConfigError(source, "http.admin_token_file", problem)
+    if endpoint.port == 0:
+        problem = "port 0 is any free port, chosen at start-up: cancel-all cannot know which"
+        raise ConfigError(source, "http.listen", problem)
+    return endpoint, endpoint.admin_token
+
+
+def _post_cancel_all(
+    endpoint: HttpConfig, account: str, token: Secret, timeout: float
+) -> tuple[int, bytes]:
+    """POST the request and return the answer's status and body.
+
+    ``timeout`` bounds the connect and each read. The CLI says it is the caller (the keeper logs
+    ``source: cli``); the token travels only in the Authorization header.
+
+    Raises:
+        OSError: no connection, or no answer within ``timeout`` (TimeoutError).
+        http.client.HTTPException: what answered does not speak HTTP.
+    """
+    from .http import ACCOUNTS_PREFIX, CANCEL_ALL_SUFFIX, CLI_SOURCE, SOURCE_HEADER
+
+    route = f"{ACCOUNTS_PREFIX}{quote(account, safe='')}{CANCEL_ALL_SUFFIX}"
+    connection = http.client.HTTPConnection(endpoint.host, endpoint.port, timeout=timeout)
+    headers = {
+        "Authorization": f"Bearer {token.reveal()}",
+        SOURCE_HEADER: CLI_SOURCE,
+        "User-Agent": f"deribit-keeper/{__version__}",
+    }
+    try:
+        connection.request("POST", route, b"", headers)
+        answer = connection.getresponse()
+        return answer.status, answer.read()
+    finally:
+        connection.close()
+
+
+def _refusal(status: int, body: bytes) -> str:
+    """One line from the keeper's error answer: its status, ``error`` and ``detail``."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or "error" not in answer:
+        return f"the keeper answered {status} {http.client.responses.get(status, '')}".rstrip()
+    detail = answer.get("detail")
+    return f"{status} {answer['error']}" + (f": {detail}" if detail else "")
+
+
+def _cancel_all_error(account: str, problem: str) -> int:
+    print(f"deribit-keeper: cancel-all {account}: {problem}", file=sys.stderr)
+    return EX_SOFTWARE
 
 
 def _simulate(host: str, port: int, accounts_file: Path, token_ttl: float) -> int:

@@ -1,26 +1,40 @@
-"""The operations endpoint: /healthz, /readyz, /status and /metrics over HTTP.
+"""The operations endpoint: /healthz, /readyz, /status and /metrics over HTTP, and the panic
+button ``POST /accounts/<name>/cancel-all``.
 
 An ASGI app served by hypercorn's Trio worker inside the keeper's own Trio loop: hypercorn does
-all the HTTP, the app only routes five paths. Every answer is built from what the sessions and
-``KeeperMetrics`` already hold in memory, so a probe or a scrape never touches the network and
+all the HTTP, the app only routes a few paths. Every GET answer is built from what the sessions
+and ``KeeperMetrics`` already hold in memory, so a probe or a scrape never touches the network and
 never waits on a session; polling it as often as a trading engine likes costs the links nothing.
 
-Nothing served carries a secret or a token: ``Session.snapshot()`` holds none, and metric labels
-are account names, scopes, states, reasons and method names.
+The one route that acts, cancel-all, goes to Deribit over the account's own session (never a
+connection of its own) and only for a caller holding the admin token (``http.admin_token_file``).
+
+Nothing served carries a secret or a token: ``Session.snapshot()`` holds none, metric labels
+are account names, scopes, states, reasons and method names, and the admin token is only ever
+compared, never logged, echoed or put in an exception.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Final, Protocol
 
 import trio
-from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    HTTPScope,
+    Scope,
+)
 
 from . import __version__, events
+from .config import KeeperConfig, Secret
+from .errors import NotReady, RpcError, SessionLost
 from .gateway import Gateway
 from .logs import get_logger
 from .metrics import KeeperMetrics
@@ -31,11 +45,25 @@ HEALTH_PATH: Final = "/healthz"
 READY_PATH: Final = "/readyz"
 STATUS_PATH: Final = "/status"
 METRICS_PATH: Final = "/metrics"
+ACCOUNTS_PREFIX: Final = "/accounts/"
+CANCEL_ALL_SUFFIX: Final = "/cancel-all"  # POST /accounts/<name>/cancel-all
 
 # Event names of this module (candidates for events.py).
 HTTP_LISTENING: Final = events.HTTP_LISTENING
+KEEPER_CANCEL_ALL: Final = events.KEEPER_CANCEL_ALL
+KEEPER_CANCEL_ALL_REFUSED: Final = "keeper.cancel_all_refused"  # no or wrong admin token
+KEEPER_CANCEL_ALL_FAILED: Final = "keeper.cancel_all_failed"  # authenticated, not done (status)
 ALLOWED_METHODS: Final = ("GET", "HEAD")
+ACTING_METHODS: Final = ("POST",)
 JSON_TYPE: Final = "application/json"
+# The CLI says it is the caller with this header (any other value, or none, is "http"). It is a
+# label for the log, not a credential: the admin token is what authorises.
+SOURCE_HEADER: Final = "x-deribit-keeper-source"
+CLI_SOURCE: Final = "cli"
+HTTP_SOURCE: Final = "http"
+_NAME_ECHO_MAX: Final = 64  # a name from a path is caller input: echo and log a bounded part
+
+AdminToken = Callable[[], Secret | None]
 
 _log = get_logger()
 
@@ -77,11 +105,18 @@ def _json(status: int, payload: Any) -> _Response:
     return _Response(status, (text + "\n").encode())
 
 
-class _App:
-    """Five GET routes over a ``StatusSource``; HEAD answers the same without the body."""
+def _refuse_method(allowed: tuple[str, ...]) -> _Response:
+    refused = _json(405, {"error": "method not allowed"})
+    return replace(refused, headers=((b"allow", ", ".join(allowed).encode()),))
 
-    def __init__(self, source: StatusSource) -> None:
+
+class _App:
+    """Five GET routes over a ``StatusSource`` (HEAD answers the same without the body), and
+    ``POST /accounts/<name>/cancel-all`` for a holder of the admin token."""
+
+    def __init__(self, source: StatusSource, admin_token: AdminToken) -> None:
         self._source = source
+        self._cancel_all = _CancelAll(source, admin_token)
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -93,7 +128,7 @@ class _App:
             # No WebSocket here: closing before accepting makes hypercorn answer 403.
             await send({"type": "websocket.close", "code": 1000, "reason": None})
             return
-        answer = self._answer(scope["method"], scope["path"])
+        answer = await self._answer(scope)
         headers = [
             (b"content-type", answer.content_type.encode()),
             (b"content-length", str(len(answer.body)).encode()),
@@ -105,13 +140,15 @@ class _App:
         await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         await send({"type": "http.response.body", "body": answer.body, "more_body": False})
 
-    def _answer(self, method: str, path: str) -> _Response:
-        route = self._route(path)
+    async def _answer(self, scope: HTTPScope) -> _Response:
+        account = _cancel_all_account(scope["path"])
+        if account is not None:
+            return await self._cancel_all.answer(scope, account)
+        route = self._route(scope["path"])
         if route is None:
             return _json(404, {"error": "not found"})
-        if method not in ALLOWED_METHODS:
-            refused = _json(405, {"error": "method not allowed"})
-            return replace(refused, headers=((b"allow", ", ".join(ALLOWED_METHODS).encode()),))
+        if scope["method"] not in ALLOWED_METHODS:
+            return _refuse_method(ALLOWED_METHODS)
         return route()
 
     def _route(self, path: str) -> Callable[[], _Response] | None:
@@ -168,9 +205,142 @@ class _App:
         return _Response(200, body, content_type)
 
 
-def create_app(source: StatusSource) -> ASGIFramework:
-    """The ASGI app answering /healthz, /readyz[/<account>], /status and /metrics."""
-    return _App(source)
+def _cancel_all_account(path: str) -> str | None:
+    """The account named by a ``/accounts/<name>/cancel-all`` path, else None (not this route)."""
+    if not (path.startswith(ACCOUNTS_PREFIX) and path.endswith(CANCEL_ALL_SUFFIX)):
+        return None
+    name = path[len(ACCOUNTS_PREFIX) : -len(CANCEL_ALL_SUFFIX)]
+    return name if name and "/" not in name else None
+
+
+class _CancelAll:
+    """``POST /accounts/<name>/cancel-all``: the panic button, over the account's own session.
+
+    Checks go in the order that tells a caller least: the method (405 for any name, so it says
+    nothing of accounts), then the admin token (401), and only then whether the account exists
+    (404) and is ready (503, nothing sent). So nobody without the token learns account names.
+    Every attempt is logged: done at WARNING (it cancels real orders), refused and failed too,
+    with the caller's address for a refusal; never with the token.
+    """
+
+    def __init__(self, source: StatusSource, admin_token: AdminToken) -> None:
+        self._source = source
+        self._admin_token = admin_token
+
+    async def answer(self, scope: HTTPScope, name: str) -> _Response:
+        if scope["method"] not in ACTING_METHODS:
+            return _refuse_method(ACTING_METHODS)
+        source = _source_of(scope["headers"])
+        refusal = _authenticate(scope["headers"], self._admin_token())
+        if refusal is not None:
+            client = scope.get("client")
+            _log.warning(
+                KEEPER_CANCEL_ALL_REFUSED,
+                account=name[:_NAME_ECHO_MAX],
+                source=source,
+                reason=refusal.reason,
+                client=None if client is None else client[0],
+            )
+            return refusal.response
+        session = self._source.sessions.get(name)
+        if session is None:
+            echo = name[:_NAME_ECHO_MAX]
+            return _failed(404, echo, source, "unknown account", "the keeper has no such account")
+        return await self._cancel(session, name, source)
+
+    async def _cancel(self, session: Session, name: str, source: str) -> _Response:
+        """Send ``private/cancel_all`` and answer with the count, or why there is none.
+
+        The call is shielded from cancellation (a caller hanging up, the keeper stopping) so that
+        an order-cancelling request, once sent, always has its outcome logged; it stays bounded
+        by the session's request timeout, and a link that ends wakes it at once.
+        """
+        try:
+            with trio.CancelScope(shield=True):
+                cancelled = await session.cancel_all()
+        except NotReady as error:
+            detail = f"{error}; nothing was sent"
+            return _failed(503, name, source, "account not ready", detail, state=error.state)
+        except RpcError as error:
+            fields = {"code": error.code, "message": error.message}
+            return _failed(502, name, source, "deribit refused", error.detail, **fields)
+        except SessionLost as error:
+            # Sent, but unanswered: the orders may or may not be cancelled. nginx's split: an
+            # upstream that timed out is 504, one whose link ended is 502.
+            status = 504 if error.reason == "request_timeout" else 502
+            detail = f"{error.detail}; outcome unknown: check open orders or run cancel-all again"
+            reason = error.reason
+            return _failed(status, name, source, "no answer from deribit", detail, reason=reason)
+        _log.warning(KEEPER_CANCEL_ALL, account=name, cancelled=cancelled, source=source)
+        return _json(200, {"account": name, "cancelled": cancelled})
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    reason: str  # a stable slug for the log
+    response: _Response
+
+
+def _authenticate(
+    headers: Iterable[tuple[bytes, bytes]], expected: Secret | None
+) -> _Refusal | None:
+    """None when the request carries ``Authorization: Bearer <the admin token>``; else why not.
+
+    The comparison is hmac.compare_digest's, whose time does not depend on where the two differ.
+    """
+    if expected is None:
+        detail = "cancel-all is disabled: the keeper has no http.admin_token_file"
+        return _unauthorized("admin_token_not_configured", detail)
+    presented = [value for key, value in headers if key == b"authorization"]
+    scheme, _, token = presented[0].partition(b" ") if len(presented) == 1 else (b"", b"", b"")
+    if scheme.lower() != b"bearer" or not token.strip():
+        return _unauthorized("no_token", "send the admin token as Authorization: Bearer <token>")
+    if not hmac.compare_digest(token.strip(), expected.reveal().encode()):
+        return _unauthorized("wrong_token", "the admin token is not the keeper's", invalid=True)
+    return None
+
+
+def _unauthorized(reason: str, detail: str, *, invalid: bool = False) -> _Refusal:
+    challenge = b'Bearer realm="deribit-keeper"' + (b', error="invalid_token"' if invalid else b"")
+    answer = _json(401, {"error": "unauthorized", "detail": detail})
+    return _Refusal(reason, replace(answer, headers=((b"www-authenticate", challenge),)))
+
+
+def _failed(
+    status: int, name: str, source: str, error: str, detail: str, **fields: Any
+) -> _Response:
+    """An authenticated cancel-all that did not happen, or whose outcome is unknown: logged
+    (502/504 at ERROR: orders may still be open) and answered with ``error`` and ``detail``."""
+    log = _log.error if status in (502, 504) else _log.warning
+    log(KEEPER_CANCEL_ALL_FAILED, account=name, source=source, status=status, error=error, **fields)
+    return _json(status, {"account": name, "error": error, "detail": detail, **fields})
+
+
+def _source_of(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    said = [value for key, value in headers if key == SOURCE_HEADER.encode()]
+    return CLI_SOURCE if said == [CLI_SOURCE.encode()] else HTTP_SOURCE
+
+
+def _configured_admin_token(source: object) -> Secret | None:
+    """The admin token of the config the source runs now (the Keeper's ``config.http``).
+
+    Read on every request, so a reload that changes ``http.admin_token_file`` takes effect at
+    once, as the CLI reads the file afresh each time.
+    """
+    config = getattr(source, "config", None)
+    http = config.http if isinstance(config, KeeperConfig) else None
+    return None if http is None else http.admin_token
+
+
+def create_app(source: StatusSource, *, admin_token: AdminToken | None = None) -> ASGIFramework:
+    """The ASGI app answering /healthz, /readyz[/<account>], /status, /metrics and
+    ``POST /accounts/<account>/cancel-all``.
+
+    ``admin_token`` returns the token that unlocks cancel-all (None: refused), asked on every
+    request; by default it is the one in the source's current config, if it has one.
+    """
+    token = admin_token if admin_token is not None else partial(_configured_admin_token, source)
+    return _App(source, token)
 
 
 async def serve_http(
