@@ -318,6 +318,21 @@ async def test_a_link_that_ends_before_the_answer_is_502_with_its_reason(
     assert reply.json()["reason"] == "connection_closed"
 
 
+async def test_a_reloaded_admin_token_takes_effect_at_once(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
+) -> None:
+    """The token is read from the keeper's current config: after a reload only the new one works,
+    as the CLI reads the file afresh each time; the session is untouched."""
+    keeper = await run_admin_keeper(nursery, sim, "main")
+    session = keeper.sessions["main"]
+    assert keeper.config.http is not None
+    rotated = dataclasses.replace(keeper.config.http, admin_token=Secret(ADMIN_TOKEN + "-2"))
+    keeper.reload(dataclasses.replace(keeper.config, http=rotated))
+    assert (await cancel_all(keeper)).status == 401
+    assert (await cancel_all(keeper, token=ADMIN_TOKEN + "-2")).status == 200
+    assert keeper.sessions["main"] is session
+
+
 @pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "DELETE"])
 async def test_only_post_is_allowed_on_the_route(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator, method: str
