@@ -17,6 +17,8 @@ KEEPER_RELOADED: Final = "keeper.reloaded"
 KEEPER_RELOAD_FAILED: Final = "keeper.reload_failed"
 KEEPER_HTTP_FAILED: Final = "keeper.http_failed"
 KEEPER_CANCEL_ALL: Final = "keeper.cancel_all"  # the panic button: account, cancelled, source
+KEEPER_CANCEL_ALL_REFUSED: Final = "keeper.cancel_all_refused"  # no or wrong admin token
+KEEPER_CANCEL_ALL_FAILED: Final = "keeper.cancel_all_failed"  # authenticated, not done (status)
 
 SESSION_CONNECTING: Final = "session.connecting"
 SESSION_AUTHENTICATING: Final = "session.authenticating"

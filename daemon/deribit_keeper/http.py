@@ -51,8 +51,8 @@ CANCEL_ALL_SUFFIX: Final = "/cancel-all"  # POST /accounts/<name>/cancel-all
 # Event names of this module (candidates for events.py).
 HTTP_LISTENING: Final = events.HTTP_LISTENING
 KEEPER_CANCEL_ALL: Final = events.KEEPER_CANCEL_ALL
-KEEPER_CANCEL_ALL_REFUSED: Final = "keeper.cancel_all_refused"  # no or wrong admin token
-KEEPER_CANCEL_ALL_FAILED: Final = "keeper.cancel_all_failed"  # authenticated, not done (status)
+KEEPER_CANCEL_ALL_REFUSED: Final = events.KEEPER_CANCEL_ALL_REFUSED
+KEEPER_CANCEL_ALL_FAILED: Final = events.KEEPER_CANCEL_ALL_FAILED
 ALLOWED_METHODS: Final = ("GET", "HEAD")
 ACTING_METHODS: Final = ("POST",)
 JSON_TYPE: Final = "application/json"
