@@ -166,7 +166,7 @@ async def test_token_is_refreshed_before_it_expires_on_the_same_connection(
 ) -> None:
     """With 100 s tokens, refreshes keep one connection authenticated and COD re-confirmed."""
     sim = await short_token_sim(nursery)
-    session = start(nursery, sim)
+    session = start(nursery, sim, cod_check_interval=3600)  # no periodic COD check in between
     await until_state(session, SessionState.READY)
     await trio.sleep(1000)
     conn = sim.connections[0]

@@ -22,6 +22,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__, events
+from .cod_guard import guarded_scopes
 from .gateway import Gateway
 from .session import Session, SessionState
 
@@ -148,6 +149,12 @@ class KeeperMetrics:
             ["account"],
             registry=r,
         )
+        self._cod_drift = Counter(
+            "deribit_keeper_cod_drift",
+            "Times COD was found off behind the keeper's back (session.cod_drift), by scope",
+            ["account", "scope"],
+            registry=r,
+        )
         self._refreshes = Counter(
             "deribit_keeper_token_refreshes",
             "Access tokens renewed on a live link (refresh_token, or a fresh auth if refused)",
@@ -225,6 +232,8 @@ class KeeperMetrics:
         self._reasons[name] = set()
         self._test_requests.labels(name)  # counters show 0 before their first event
         self._refreshes.labels(name)
+        for scope in guarded_scopes(session.account.cancel_on_disconnect):
+            self._cod_drift.labels(name, scope)
         self._show_state(session)
         session.watch(self._observe)
 
@@ -244,6 +253,8 @@ class KeeperMetrics:
             self._reconnects.remove(account, reason)
         self._test_requests.remove(account)
         self._refreshes.remove(account)
+        for scope in guarded_scopes(session.account.cancel_on_disconnect):
+            self._cod_drift.remove(account, scope)
         self._shown.pop(account, None)
         self._lost_reason.pop(account, None)
 
@@ -305,8 +316,11 @@ class KeeperMetrics:
             reason = self._lost_reason.pop(name, UNKNOWN_REASON)
             self._reasons[name].add(reason)
             self._reconnects.labels(name, reason).inc()
-        elif event == events.SESSION_READY:
-            self._setup.observe(float(fields.get("setup_ms", 0.0)) / 1000)
+        elif event == events.SESSION_READY and "setup_ms" in fields:
+            # Ready again after a COD repair carries no setup_ms: that link was set up before.
+            self._setup.observe(float(fields["setup_ms"]) / 1000)
+        elif event == events.SESSION_COD_DRIFT:
+            self._cod_drift.labels(name, str(fields.get("scope", UNKNOWN_REASON))).inc()
         elif event == events.SESSION_TEST_REQUEST_ANSWERED:
             self._test_requests.labels(name).inc()
         elif event == events.SESSION_TOKEN_REFRESHED:

@@ -7,6 +7,10 @@ The promise the keeper makes is about READY: a session enters it only after Deri
 Cancel-On-Disconnect for this very connection, and leaves it the moment anything is wrong with the
 link. A lost link is never repaired in place: the connection is dropped (Deribit then cancels the
 orders COD protects) and a fresh one is built from the start, after a jittered backoff.
+
+COD found off on a live link (``cod_guard``: someone turned it off behind the keeper's back) is
+the one thing repaired in place: READY -> ENABLING_COD -> READY. Dropping the link instead would
+fire COD only if it were still on, and leave the orders unprotected if it were not.
 """
 
 from __future__ import annotations
@@ -15,17 +19,19 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from enum import Enum
+from functools import partial
 from typing import Any, Final
 
 import trio
 
 from . import __version__, auth, events
 from .backoff import STABLE_AFTER_S, Backoff, Severity, classify
+from .cod_guard import CodGuard, Drift, enable_cod
 from .config import AccountConfig, ShutdownMode
-from .errors import CodNotConfirmed, DeadLink, NotReady, RpcError, SessionLost
+from .errors import DeadLink, NotReady, RpcError, SessionLost
 from .logs import get_logger
 from .protocol import ErrorCode
 from .rpc import OnAnswer, Relayed, RpcConnection, open_rpc_connection
@@ -100,29 +106,6 @@ _EVENT_OF: Final = {
 _QUIET_STATES: Final = frozenset({SessionState.AUTHENTICATING, SessionState.ENABLING_COD})
 
 
-async def enable_cod(rpc: RpcConnection, scope: str) -> None:
-    """Turn COD on and make Deribit confirm it, for the connection this session stands on.
-
-    With scope ``account`` the account setting protects connections opened *later*; the one we
-    are on began with the old setting, so it is enabled and confirmed with scope ``connection`` too.
-
-    Raises:
-        CodNotConfirmed: Deribit did not report ``enabled: true`` for a scope.
-    """
-    for each in ("account", "connection") if scope == "account" else ("connection",):
-        await rpc.call("private/enable_cancel_on_disconnect", {"scope": each})
-        answer = await rpc.call("private/get_cancel_on_disconnect", {"scope": each})
-        if not isinstance(answer, dict) or answer.get("enabled") is not True:
-            raise CodNotConfirmed(each, answer)
-
-
-async def confirm_cod(rpc: RpcConnection) -> None:
-    """Ask Deribit again whether COD is on for this connection (after a token refresh)."""
-    answer = await rpc.call("private/get_cancel_on_disconnect", {"scope": "connection"})
-    if not isinstance(answer, dict) or answer.get("enabled") is not True:
-        raise CodNotConfirmed("connection", answer)
-
-
 class Session:
     """Keeps one account connected, authenticated and COD-protected until ``stop()``.
 
@@ -145,7 +128,7 @@ class Session:
         self.state = SessionState.STOPPED
         self.connected_since: float | None = None  # wall clock, while a link is open
         self.cod_confirmed_at: float | None = None  # wall clock, while READY
-        self.ready_since: float | None = None  # Trio time, while READY
+        self.ready_since: float | None = None  # Trio time, since this link first was READY
         self.reconnects = 0
         self.last_error: tuple[str, float] | None = None  # (reason, wall clock)
         self.test_requests_answered = 0
@@ -163,6 +146,14 @@ class Session:
         self.stopped = trio.Event()  # set once run() has returned
         self._scope = trio.CancelScope()
         self._tasks: trio.Nursery | None = None
+        self._cod_confirmed_once = False  # a reconnect then reads the account setting first
+        self._cod_guard = CodGuard(
+            account.cancel_on_disconnect,
+            account.cod_check_interval,
+            emit=self._emit,
+            repair=self._repair_cod,
+        )
+        self._repairing = False  # a ready link is out of READY while COD is turned on again
 
     def __repr__(self) -> str:
         return f"<Session {self.account.name} {self.state.value}>"
@@ -277,13 +268,14 @@ class Session:
         """Ask the session to end per ``on_shutdown`` (the account's unless given); ``run()``
         returns once it has.
 
-        A READY link ends politely (logout first if so). Anything else has no link worth
-        keeping, so it is cancelled at once.
+        A READY link ends politely (logout first if so), and so does one whose COD is being
+        turned on again after a drift: it was ready a moment ago and may carry orders. Anything
+        else has no link worth keeping, so it is cancelled at once.
         """
         if on_shutdown is not None:
             self._shutdown_mode = on_shutdown
         self._stop_requested.set()
-        if self.state is not SessionState.READY:
+        if self.state is not SessionState.READY and not self._repairing:
             self._scope.cancel()
 
     async def run(self) -> None:
@@ -349,7 +341,10 @@ class Session:
         await rpc.call("public/hello", {"client_name": CLIENT_NAME, "client_version": __version__})
         token = await auth.authenticate(rpc, account, wall_clock=self._wall_clock)
         self._enter(SessionState.ENABLING_COD, scope=account.cancel_on_disconnect)
+        if self._cod_confirmed_once:
+            await self._cod_guard.before_reenabling(rpc)
         await enable_cod(rpc, account.cancel_on_disconnect)
+        self._cod_confirmed_once = True
         self.cod_confirmed_at = self._wall_clock()
         await rpc.call("public/set_heartbeat", {"interval": _number(account.heartbeat_interval)})
         self.ready_since = trio.current_time()
@@ -364,9 +359,14 @@ class Session:
     async def _serve(self, rpc: RpcConnection, token: auth.Token) -> None:
         """Stay READY until ``stop()``; raise ``DeadLink`` if Deribit falls silent."""
         assert self._tasks is not None
-        self._tasks.start_soon(self._keep_token_fresh, rpc, token)
+        upkeep = [
+            self._start_cancellable(partial(self._keep_token_fresh, rpc, token)),
+            self._start_cancellable(partial(self._cod_guard.keep_checking, rpc)),
+        ]
         with rpc.silence_watchdog(silence_limit(self.account.heartbeat_interval)) as watchdog:
             await self._stop_requested.wait()
+        for scope in upkeep:
+            scope.cancel()  # a refresh or a COD repair must not race the logout
         if watchdog.cancelled_caught:
             raise DeadLink(trio.current_time() - rpc.last_inbound)
         self._enter(SessionState.STOPPING, on_shutdown=self._shutdown_mode)
@@ -437,7 +437,8 @@ class Session:
 
         A refused refresh (13009: an expired or revoked refresh token) falls back to a full
         authentication on the same connection: reconnecting instead would fire COD and cancel
-        the orders it protects, for nothing.
+        the orders it protects, for nothing. COD found off then is a drift, repaired in place
+        as the guard repairs one; any error of the reading ends the link, as before the guard.
         """
         while True:
             await trio.sleep_until(token.refresh_at)
@@ -450,7 +451,7 @@ class Session:
                 self._emit(logging.WARNING, events.SESSION_TOKEN_REFRESH_REFUSED, code=refused.code)
                 token = await auth.authenticate(rpc, self.account, wall_clock=self._wall_clock)
                 grant = auth.GRANT_OF[self.account.auth]
-            await confirm_cod(rpc)
+            await self._cod_guard.confirm(rpc, during="token_refresh")
             self.cod_confirmed_at = self._wall_clock()
             self._emit(
                 logging.INFO,
@@ -458,6 +459,54 @@ class Session:
                 grant=grant,
                 expires_in=token.expires_in,
             )
+
+    def _start_cancellable(self, work: Callable[[], Awaitable[None]]) -> trio.CancelScope:
+        """Start ``work`` among the link's tasks, inside a scope the caller can cancel alone.
+
+        A scope of its own rather than a nursery of its own: what ``work`` raises then reaches
+        the link's nursery as directly as before, so the first failure still speaks for the
+        link (a rate limit answered just before Deribit closes stays a rate limit).
+        """
+        assert self._tasks is not None
+        scope = trio.CancelScope()
+
+        async def within() -> None:
+            with scope:
+                await work()
+
+        self._tasks.start_soon(within)
+        return scope
+
+    async def _repair_cod(self, rpc: RpcConnection, drift: Drift) -> None:
+        """Leave READY, turn COD on again and have it confirmed, then enter READY again.
+
+        Meanwhile the session is not ready: nothing new is relayed (a gateway answers 13028),
+        /readyz says 503, and what is already in flight goes on. The guard calls it holding
+        its lock, so a token refresh's reading cannot see the repair half done.
+
+        Raises:
+            CodNotConfirmed, RpcError, SessionLost: the repair failed; the link is lost, as
+                when COD cannot be confirmed at connect.
+        """
+        scope = self.account.cancel_on_disconnect
+        self.cod_confirmed_at = None
+        self._repairing = True
+        try:
+            self._enter(SessionState.ENABLING_COD, scope=scope, repairing=drift.scope)
+            started = trio.current_time()
+            await enable_cod(rpc, scope)
+        finally:
+            self._repairing = False
+        self.cod_confirmed_at = self._wall_clock()
+        if self._stop_requested.is_set():
+            return  # stop() came meanwhile: the link is ending, not ready again
+        self._enter(
+            SessionState.READY,
+            cod_scope=scope,
+            heartbeat_interval=self.account.heartbeat_interval,
+            repaired=drift.scope,
+            repair_ms=round((trio.current_time() - started) * 1000, 1),
+        )
 
     async def _back_off(self, lost: SessionLost) -> None:
         """Log the loss, wait a jittered delay, and let ``run()`` try again."""

@@ -51,6 +51,7 @@ RELOAD_SIGNAL: Final = signal.SIGHUP
 _STATE_EVENTS: Final = frozenset(
     {
         events.SESSION_CONNECTING,
+        events.SESSION_ENABLING_COD,  # also how a ready account leaves READY for a COD repair
         events.SESSION_READY,
         events.SESSION_LOST,
         events.SESSION_RETRY,
