@@ -113,6 +113,11 @@ class Session:
 
     Read-only attributes (for status endpoints; reading them never touches the network):
         state, connected_since, cod_confirmed_at, reconnects, last_error, test_requests_answered.
+
+    Args:
+        cancel_all_first: cancel every open order of the account (``private/cancel_all``) on
+            the first set-up that gets that far, after COD is confirmed and before READY: the
+            supervisor asks it of an account's first session with ``on_start: cancel_all``.
     """
 
     def __init__(
@@ -123,6 +128,7 @@ class Session:
         wall_clock: Callable[[], float] = time.time,
         ssl_context: ssl.SSLContext | None = None,
         on_request: OnRequest | None = None,
+        cancel_all_first: bool = False,
     ) -> None:
         self.account = account
         self.state = SessionState.STOPPED
@@ -146,6 +152,7 @@ class Session:
         self.stopped = trio.Event()  # set once run() has returned
         self._scope = trio.CancelScope()
         self._tasks: trio.Nursery | None = None
+        self._cancel_all_first = cancel_all_first
         self._cod_confirmed_once = False  # a reconnect then reads the account setting first
         self._cod_guard = CodGuard(
             account.cancel_on_disconnect,
@@ -346,6 +353,8 @@ class Session:
         await enable_cod(rpc, account.cancel_on_disconnect)
         self._cod_confirmed_once = True
         self.cod_confirmed_at = self._wall_clock()
+        if self._cancel_all_first:
+            await self._cancel_left_orders(rpc)
         await rpc.call("public/set_heartbeat", {"interval": _number(account.heartbeat_interval)})
         self.ready_since = trio.current_time()
         self._enter(
@@ -355,6 +364,14 @@ class Session:
             setup_ms=round((self.ready_since - started) * 1000, 1),
         )
         return token
+
+    async def _cancel_left_orders(self, rpc: RpcConnection) -> None:
+        """``on_start: cancel_all``: cancel what an earlier run left on the book, once per
+        Session. A failure fails the set-up like any other step, so it is tried again (after a
+        backoff, on a fresh link) before the account is ever ready."""
+        cancelled = _count_of(await rpc.call("private/cancel_all"))
+        self._cancel_all_first = False
+        self._emit(logging.INFO, events.SESSION_START_CANCEL_ALL, cancelled=cancelled)
 
     async def _serve(self, rpc: RpcConnection, token: auth.Token) -> None:
         """Stay READY until ``stop()``; raise ``DeadLink`` if Deribit falls silent."""

@@ -104,6 +104,9 @@ class Keeper:
         self._launched = trio.Event()  # a SIGHUP before this waits: there is nothing to reload
         self._relaunching: set[str] = set()
         self._regating: set[str] = set()  # accounts whose new gateway waits for the old to end
+        # Accounts that have been ready in this process: `on_start: cancel_all` is for what an
+        # earlier process left, so only an account's first session to get ready does it.
+        self._started: set[str] = set()
         self._stopping = False
         self._running = False
 
@@ -324,9 +327,11 @@ class Keeper:
             wall_clock=self._wall_clock,
             ssl_context=self._ssl_context,
             on_request=self.metrics.on_request,
+            cancel_all_first=account.on_start == "cancel_all" and account.name not in self._started,
         )
         self.metrics.track(session)
         session.watch(self._state_changed)
+        session.watch(self._note_started)
         self.sessions[account.name] = session
         gateway = self.gateways.get(account.name)
         if gateway is not None:
@@ -335,6 +340,11 @@ class Keeper:
         self._sessions_nursery.start_soon(
             self._run_session, session, name=f"session:{account.name}"
         )
+
+    def _note_started(self, session: Session, event: str, _fields: Mapping[str, Any]) -> None:
+        """Remember that the account got ready once (its start cancel, if any, is done)."""
+        if event == events.SESSION_READY:
+            self._started.add(session.account.name)
 
     async def _run_session(self, session: Session) -> None:
         try:
