@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import parse_qsl
@@ -28,6 +29,7 @@ from .protocol import MAX_FRAME_BYTES, ErrorCode
 
 API_PREFIX: Final = "/api/v2"
 HMAC_SCHEME: Final = "deri-hmac-sha256"
+_DIGITS: Final = re.compile(r"[0-9]{1,18}")  # a timestamp in ms, never past int64
 # Params Deribit's schemas type as numbers, and as booleans: converted from query strings.
 NUMBER_PARAMS: Final = frozenset(
     {"amount", "contracts", "price", "trigger_price", "trigger_offset", "max_show", "interval"}
@@ -91,23 +93,42 @@ def read_request(http_method: str, path: str, query: str, body: bytes) -> Reques
     A POST without a body takes its params from the query string, as a GET.
 
     Raises:
-        BadFrame: -32601 for a path that names no method, -32600 for a body over 32 kB,
-            -32700 for a body that is not JSON, -32000/-32602 as ``parse_frame`` says.
+        BadFrame: -32601 for a path that names no method, -32600 for a body over 32 kB
+            (whatever the method), -32700 for a body that is not JSON, -32000/-32602 as
+            ``parse_frame`` says.
     """
     method = path[len(API_PREFIX) + 1 :] if path.startswith(API_PREFIX + "/") else ""
+    if len(body) > MAX_FRAME_BYTES:  # before anything else: 32 kB of blanks is still too large
+        raise BadFrame(RpcFault(ErrorCode.REQUEST_TOO_LARGE))
     if http_method == "POST" and body.strip():
-        if len(body) > MAX_FRAME_BYTES:
-            raise BadFrame(RpcFault(ErrorCode.REQUEST_TOO_LARGE))
-        try:
-            document = json.loads(body)
-        except (ValueError, RecursionError):
-            raise BadFrame(RpcFault(ErrorCode.PARSE_ERROR)) from None
-        if isinstance(document, dict) and "method" not in document and method:
-            document = {**document, "method": method}
-        return parse_frame(json.dumps(document))
+        document = _json_body(body)
+        if not (isinstance(document, dict) and "method" not in document and method):
+            return parse_frame(body)  # read as a WebSocket frame would be, byte for byte
+        # Compact and unescaped, so the frame is about the body's size plus the method's name
+        # (the body alone was checked against the limit above; parse_frame checks the frame).
+        frame = json.dumps(
+            {**document, "method": method}, separators=(",", ":"), ensure_ascii=False
+        )
+        return parse_frame(frame)
     if not method:
         raise BadFrame(RpcFault(ErrorCode.METHOD_NOT_FOUND))
     return Request(id=NO_ID, method=method, params=query_params(query))
+
+
+def _json_body(body: bytes) -> Any:
+    """The JSON document of a POST body, by ``parse_frame``'s rules (UTF-8, no NaN).
+
+    Raises:
+        BadFrame: -32700 for a body that is not JSON.
+    """
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_not_json)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
+        raise BadFrame(RpcFault(ErrorCode.PARSE_ERROR)) from None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,12 +169,12 @@ def read_authorization(header: str | None) -> Bearer | Signed | None:
         fields[key.strip()] = value.strip()
     try:
         client_id, ts, nonce, sig = (fields[key] for key in ("id", "ts", "nonce", "sig"))
-        timestamp_ms = int(ts)
-    except (KeyError, ValueError):
+    except KeyError:
         raise RpcFault(ErrorCode.UNAUTHORIZED) from None
-    if not client_id:
+    # Digits only: int() would also take "+5", " 5" and "1_000", none of them a timestamp.
+    if not client_id or _DIGITS.fullmatch(ts) is None:
         raise RpcFault(ErrorCode.UNAUTHORIZED)
-    return Signed(client_id, timestamp_ms, nonce, sig)
+    return Signed(client_id, int(ts), nonce, sig)
 
 
 def request_uri(raw_path: bytes, query_string: bytes) -> str:

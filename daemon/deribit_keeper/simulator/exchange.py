@@ -16,6 +16,7 @@ from typing import Literal
 
 from deribit_keeper.jsonrpc import RpcFault
 from deribit_keeper.protocol import ErrorCode
+from deribit_keeper.rest import Bearer, Signed
 from deribit_keeper.signatures import SignatureRejected, SignatureVerifier
 
 from .accounts import SimAccount, check_unique
@@ -153,6 +154,39 @@ class Exchange:
         token = self._live(refresh_token, "refresh", now=now)
         token.revoked = True
         return self._issue(token.client_id, token.session, now=now, wall_now=wall_now)
+
+    def authorize_http(
+        self, credential: Bearer | Signed, request_data: str, *, now: float, wall_now: float
+    ) -> str:
+        """The account an HTTP request's ``Authorization`` header proves.
+
+        A signed header is checked by the same ``SignatureVerifier`` as ``client_signature``
+        auths, so a nonce used on a WebSocket cannot be replayed over HTTP, nor the other way
+        round. ``request_data`` is ``signatures.http_request_data`` of the request as received.
+
+        Raises:
+            RpcFault: 13009 for a Bearer token that is not a live access token, and for a
+                signature that is stale, does not verify or reuses a nonce; 13004 for an
+                unknown client id.
+        """
+        if isinstance(credential, Bearer):
+            return self.client_of(credential.token, now=now)
+        account = self._accounts.get(credential.client_id)
+        if account is None:
+            raise RpcFault(ErrorCode.INVALID_CREDENTIALS)
+        try:
+            self._signatures.verify(
+                account.client_id,
+                account.client_secret,
+                credential.timestamp_ms,
+                credential.nonce,
+                credential.signature,
+                request_data,
+                wall_now=wall_now,
+            )
+        except SignatureRejected as rejected:
+            raise RpcFault(ErrorCode.UNAUTHORIZED) from rejected
+        return account.client_id
 
     def client_of(self, access_token: str, *, now: float) -> str:
         """The client_id an access token authenticates, if it is still valid.

@@ -4,8 +4,8 @@ Each instrument has a fixed best bid and ask. That is all an order needs to know
 would trade at once (it crosses the book) or rest; nothing else trades, so a resting order never
 fills later (``Simulator.fill`` plays the counterparty when a test wants one). Objects are shaped
 like Deribit's answers (``public/get_instruments``, ``public/get_currencies``, ``ticker.*`` and
-``user.portfolio.*`` data) with plausible constants where a real exchange has live numbers.
-Pure data and functions: no I/O, and the time is always passed in.
+``user.portfolio.*`` data, ``private/get_account_summary``) with plausible constants where a
+real exchange has live numbers. Pure data and functions: no I/O, and the time is always passed in.
 """
 
 from __future__ import annotations
@@ -211,3 +211,13 @@ def portfolio_object(currency: str) -> dict[str, Any]:
         "cross_collateral_enabled": False,
         "portfolio_margining_enabled": False,
     }
+
+
+def account_summary_object(currency: str) -> dict[str, Any]:
+    """The result of ``private/get_account_summary``: the portfolio of ``portfolio_object``
+    (Deribit's summary carries the same balance fields) and the account's kind.
+
+    ``currency`` is reported upper case; ccxt's balance reads ``currency``, ``equity``,
+    ``available_funds`` and ``maintenance_margin`` from it.
+    """
+    return {**portfolio_object(currency), "type": "main"}

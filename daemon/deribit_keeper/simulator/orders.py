@@ -1,10 +1,11 @@
 """The simulator's orders: limit orders per account, matched against a book that never moves.
 
 An order is placed by an account over a connection and remembers both: the account owns it (no
-other account can see or touch it) and the connection is what Cancel On Disconnect looks at. It
-trades at once, in full, when it crosses the instrument's fixed best bid or ask, and otherwise
-rests until cancelled; nothing else ever trades against it (see ``market``). What happens to an
-order that crosses depends on its flags:
+other account can see or touch it) and the connection is what Cancel On Disconnect looks at. An
+order placed over HTTP has no connection (``conn_id`` None), so no COD ever cancels it, as on
+Deribit. It trades at once, in full, when it crosses the instrument's fixed best bid or ask,
+and otherwise rests until cancelled; nothing else ever trades against it (see ``market``). What
+happens to an order that crosses depends on its flags:
 
 - ``post_only`` (only with a resting time in force): never trades. With ``reject_post_only`` the
   request is refused with 11054 ``post_only_reject``; otherwise **(choice)** its price moves
@@ -45,7 +46,7 @@ class Order:
 
     order_id: str
     client_id: str
-    conn_id: int
+    conn_id: int | None  # None: placed over HTTP, so no connection's COD ever cancels it
     instrument: Instrument
     direction: Direction
     price: float
@@ -109,7 +110,7 @@ class OrderEvent:
     """
 
     client_id: str
-    conn_id: int
+    conn_id: int | None
     instrument_name: str
     currency: str
     order: dict[str, Any]
@@ -144,7 +145,7 @@ class OrderBook:
         self,
         *,
         client_id: str,
-        conn_id: int,
+        conn_id: int | None,
         instrument: Instrument,
         direction: Direction,
         amount: float,

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
 
+from deribit_keeper.rest import websocket_only_fault
+
 from .orders import OrderEvent
 
 
@@ -86,10 +88,27 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One request as a method sees it: who it came over, and what time it is."""
+    """One request as a method sees it: who it came over, and what time it is.
+
+    A request over HTTP comes over no connection: ``conn`` is None, ``link`` is a fresh
+    ``LinkState`` thrown away with the answer, and ``authorized_as`` is the account its
+    ``Authorization`` header proved (None without one). Methods that act on a connection take it
+    through ``connection()``, which refuses such a request.
+    """
 
     params: dict[str, Any]
-    conn: SimConnection
+    conn: SimConnection | None
     link: LinkState
     now: float  # Trio time
     wall_now: float  # epoch seconds
+    authorized_as: str | None = None
+
+    def connection(self) -> SimConnection:
+        """The connection this request came over.
+
+        Raises:
+            RpcFault: the WebSocket-only refusal, for a request that came over HTTP.
+        """
+        if self.conn is None:
+            raise websocket_only_fault()
+        return self.conn

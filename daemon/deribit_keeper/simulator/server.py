@@ -1,7 +1,8 @@
 """The Simulator: a Deribit WebSocket endpoint of our own, with an exchange and faults on demand.
 
 It serves ``ws://host:port/ws/api/v2`` over plain TCP, one ``ConnectionHandler`` per accepted
-WebSocket, and exposes what tests need to assert on (``connections``, ``issued_tokens``,
+WebSocket, and Deribit's HTTP API (``http://host:port/api/v2/{method}``, see ``http_calls``) on
+the same port, and exposes what tests need to assert on (``connections``, ``issued_tokens``,
 ``account_cod``, ``orders``, ``open_orders``), to wait on (``wait_for``) and to break or drive
 (``fail_next``, ``drop``, ``fill``, ...). It is also where order changes fan out to the
 subscribed connections of their account, and where Cancel On Disconnect cancels a connection's
@@ -10,7 +11,12 @@ orders when it ends.
 TCP is accepted with ``trio.serve_listeners`` and wrapped with trio-websocket's
 ``wrap_server_stream`` rather than handed to ``serve_websocket``: keeping the TCP stream is what
 lets ``drop(conn, abrupt=True)`` end a connection without a close frame, and lets handshakes be
-refused (``refuse_handshakes``, the per-IP limit) before a connection is counted.
+refused (``refuse_handshakes``, the per-IP limit) before a connection is counted. Before that,
+``http.HttpConnection`` reads each request's head with h11: plain HTTP is answered there, and a
+WebSocket upgrade (the first request or a later one on a keep-alive connection, as aiohttp
+sends it) gets its bytes replayed to trio-websocket. **(choice)** Only WebSocket handshakes are
+refused by ``refuse_handshakes`` and count against the per-IP limit (the sheet documents both for
+handshakes).
 """
 
 from __future__ import annotations
@@ -30,13 +36,16 @@ from .accounts import SimAccount
 from .connection import CLOSE_TIMEOUT_S, ConnectionHandler
 from .exchange import Exchange
 from .faults import Faults
+from .http import HttpConnection, ReplayStream
+from .http_calls import HttpCalls
 from .orders import Order, OrderBook, OrderEvent
 from .records import SimConnection
 from .session import Dispatcher
 from .subscriptions import fan_out
 
 API_PATH = "/ws/api/v2"
-HANDSHAKE_TIMEOUT_S = 10.0  # a client that opens TCP but never finishes the handshake is dropped
+# A client that opens TCP but never finishes its handshake (or an HTTP request) is dropped.
+HANDSHAKE_TIMEOUT_S = 10.0
 
 _log = structlog.get_logger()
 
@@ -71,6 +80,14 @@ class Simulator:
         self._book = OrderBook()
         self._dispatcher = Dispatcher(self._exchange, self._faults, self._book)
         self._wall_clock = wall_clock
+        self._http = HttpCalls(
+            dispatcher=self._dispatcher,
+            exchange=self._exchange,
+            faults=self._faults,
+            wall_clock=wall_clock,
+            publish=self._publish,
+            arrived=self._http_request_arrived,
+        )
         self._host = host
         self._max_per_ip = max_connections_per_ip
         self._port: int | None = None
@@ -79,6 +96,9 @@ class Simulator:
         self._changed = trio.Event()
         self.connections: list[SimConnection] = []
         self.rejected_handshakes: list[int] = []  # HTTP status of every refused handshake
+        # (method, params) of every HTTP request read as JSON-RPC, in arrival order; like
+        # SimConnection.requests, its params may hold a secret, so repr never shows it.
+        self.http_requests: list[tuple[str, dict[str, Any]]] = []
 
     def __repr__(self) -> str:
         where = self.url if self._port is not None else f"{self._host} (not serving)"
@@ -96,6 +116,15 @@ class Simulator:
             raise RuntimeError("the simulator is not serving yet: start sim.serve first")
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"ws://{host}:{self._port}{API_PATH}"
+
+    @property
+    def http_url(self) -> str:
+        """``http://host:port``, the base of the HTTP API (``/api/v2/{method}``), once serving.
+
+        Raises:
+            RuntimeError: ``serve`` has not bound a port yet.
+        """
+        return "http" + self.url.removeprefix("ws").removesuffix(API_PATH)
 
     @property
     def issued_tokens(self) -> list[str]:
@@ -283,26 +312,38 @@ class Simulator:
             _log.info("simulator.cod_cancelled", conn=record.id, orders=record.cod_cancelled)
         self._publish(events)
 
+    def _http_request_arrived(self, method: str, params: dict[str, Any]) -> None:
+        self.http_requests.append((method, params))
+        self._notify()
+
     async def _handle_tcp(self, stream: trio.SocketStream) -> None:
-        """Run the handshake, then the connection, for one accepted TCP stream."""
+        """Serve one accepted TCP stream: a WebSocket, or plain HTTP requests."""
         try:
             try:
                 peer: Any = stream.socket.getpeername()
             except OSError:
                 return  # the client vanished before we could even ask who it was
-            async with trio.open_nursery() as nursery:
-                request: WebSocketRequest | None = None
-                with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
-                    request = await wrap_server_stream(nursery, stream)
-                if request is not None and await self._handle_request(
-                    request, str(peer[0]), stream
-                ):
-                    # trio-websocket's reader task ends with the close handshake; bound the wait.
-                    nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT_S
-                else:  # timed out or refused: nothing more to read; closing the socket says so
-                    nursery.cancel_scope.cancel()
+            http = HttpConnection(stream, self._http.answer, request_timeout=HANDSHAKE_TIMEOUT_S)
+            upgrade = await http.serve(deadline=trio.current_time() + HANDSHAKE_TIMEOUT_S)
+            if upgrade is not None:
+                replay = ReplayStream(stream, upgrade.raw)
+                await self._handle_websocket(stream, replay, str(peer[0]), upgrade.deadline)
         finally:
             await trio.aclose_forcefully(stream)
+
+    async def _handle_websocket(
+        self, stream: trio.SocketStream, replay: ReplayStream, ip: str, deadline: float
+    ) -> None:
+        """Run the handshake (its head replayed), then the connection."""
+        async with trio.open_nursery() as nursery:
+            request: WebSocketRequest | None = None
+            with trio.move_on_at(deadline):
+                request = await wrap_server_stream(nursery, replay)
+            if request is not None and await self._handle_request(request, ip, stream):
+                # trio-websocket's reader task ends with the close handshake; bound the wait.
+                nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT_S
+            else:  # timed out or refused: nothing more to read; closing the socket says so
+                nursery.cancel_scope.cancel()
 
     def _verdict(self, path: str, ip: str) -> int | None:
         """The HTTP status to refuse a handshake with, or None to accept it (and count it)."""

@@ -23,6 +23,7 @@ from deribit_keeper.jsonrpc import (
     opt_str,
 )
 from deribit_keeper.protocol import API_VERSION, HEARTBEAT_MIN_S, ErrorCode
+from deribit_keeper.rest import websocket_only, websocket_only_fault
 
 from .exchange import Exchange, Grant
 from .faults import Faults
@@ -62,21 +63,26 @@ class Dispatcher:
         self._methods.update(SubscriptionMethods(self._client, self._maybe_client).methods())
 
     def handle(self, method: str, call: Call) -> Reply:
-        """Answer one request.
+        """Answer one request, over a WebSocket or (``call.conn`` None) over HTTP.
 
         Raises:
-            RpcFault: the Deribit error to answer with (-32601 for a method not simulated).
+            RpcFault: the Deribit error to answer with (-32601 for a method not simulated, and
+                ``rest.websocket_only_fault()`` for a WebSocket-only method over HTTP).
         """
         handler = self._methods.get(method)
         if handler is None:
             raise RpcFault(ErrorCode.METHOD_NOT_FOUND)
+        if call.conn is None and websocket_only(method, call.params):
+            raise websocket_only_fault()
         return handler(call)
 
     def _client(self, call: Call) -> str:
         """The account a private request acts for, or 13009.
 
         The connection's own auth is used unless the request carries ``access_token``, which then
-        must be valid itself (Deribit accepts either on a WebSocket).
+        must be valid itself (Deribit accepts either on a WebSocket). Over HTTP there is no
+        connection auth: the ``Authorization`` header's account (``call.authorized_as``) stands
+        in for it.
         """
         client_id = self._maybe_client(call)
         if client_id is None:
@@ -87,6 +93,8 @@ class Dispatcher:
         """Like ``_client``, but None when the request has no auth at all (13009 for bad auth)."""
         if "access_token" in call.params:
             return self._exchange.client_of(get_str(call.params, "access_token"), now=call.now)
+        if call.conn is None:
+            return call.authorized_as
         if call.link.access_token is None:
             return None
         return self._exchange.client_of(call.link.access_token, now=call.now)
@@ -105,7 +113,8 @@ class Dispatcher:
             conn.test_requests_answered += 1
 
     def _test(self, call: Call) -> Reply:
-        self.note_test_answer(call.link, call.conn)
+        if call.conn is not None:  # over HTTP there is no heartbeat to answer
+            self.note_test_answer(call.link, call.conn)
         if "expected_result" in call.params:
             get_choice(call.params, "expected_result", ("exception",))
             # (choice) the sheet names no code: 13028 temporarily_unavailable is a transient
@@ -139,12 +148,8 @@ class Dispatcher:
             grant = self._exchange.grant_refresh_token(
                 get_str(params, "refresh_token"), now=call.now, wall_now=call.wall_now
             )
-        # (choice) The account is only known once the connection authenticates, so that is when
-        # its COD takes the account setting; re-authenticating as the same account keeps it.
-        if call.conn.client_id != grant.client_id:
-            call.conn.cod_enabled = self._exchange.account_cod(grant.client_id)
-        call.conn.client_id = grant.client_id
-        call.link.access_token = grant.access_token
+        if call.conn is not None:  # over HTTP the tokens are all there is: nothing to remember
+            self._authenticate_connection(call.conn, call.link, grant)
         return Reply(
             {
                 "access_token": grant.access_token,
@@ -156,16 +161,25 @@ class Dispatcher:
             }
         )
 
+    def _authenticate_connection(self, conn: SimConnection, link: LinkState, grant: Grant) -> None:
+        """Connection-scoped auth: later requests on ``conn`` act for the grant's account."""
+        # (choice) The account is only known once the connection authenticates, so that is when
+        # its COD takes the account setting; re-authenticating as the same account keeps it.
+        if conn.client_id != grant.client_id:
+            conn.cod_enabled = self._exchange.account_cod(grant.client_id)
+        conn.client_id = grant.client_id
+        link.access_token = grant.access_token
+
     def _set_heartbeat(self, call: Call) -> Reply:
         interval = get_number(call.params, "interval")
         if interval < HEARTBEAT_MIN_S:
             raise invalid("interval", f"must be at least {HEARTBEAT_MIN_S}")
-        call.conn.heartbeat_interval = interval
+        call.connection().heartbeat_interval = interval
         call.link.test_outstanding = False  # a new schedule starts with a clean slate
         return Reply("ok", Effect.HEARTBEAT_CHANGED)
 
     def _disable_heartbeat(self, call: Call) -> Reply:
-        call.conn.heartbeat_interval = None
+        call.connection().heartbeat_interval = None
         call.link.test_outstanding = False
         return Reply("ok", Effect.HEARTBEAT_CHANGED)
 
@@ -174,7 +188,7 @@ class Dispatcher:
         if get_choice(call.params, "scope", COD_SCOPES, "connection") == "account":
             self._exchange.set_account_cod(client_id, enabled)
         else:
-            call.conn.cod_enabled = enabled
+            call.connection().cod_enabled = enabled
         return Reply("ok")
 
     def _enable_cod(self, call: Call) -> Reply:
@@ -189,7 +203,7 @@ class Dispatcher:
         if scope == "account":
             enabled = self._exchange.account_cod(client_id)
         else:
-            enabled = call.conn.cod_enabled
+            enabled = call.connection().cod_enabled
         if self._faults.take_misreport():
             enabled = False
         return Reply({"scope": scope, "enabled": enabled})
@@ -198,7 +212,7 @@ class Dispatcher:
         # (choice) logout is private: without valid auth it is answered 13009 and nothing closes.
         self._client(call)
         invalidate = opt_bool(call.params, "invalidate_token", True)
-        call.conn.logged_out = True
+        call.connection().logged_out = True
         if invalidate:
             token = call.params.get("access_token", call.link.access_token)
             if isinstance(token, str):

@@ -156,7 +156,7 @@ class SubscriptionMethods:
 
     @staticmethod
     def _subscribe(call: Call, names: list[str]) -> Reply:
-        held = call.conn.channels
+        held = call.connection().channels
         accepted: list[str] = []
         notices: list[tuple[str, Any]] = []
         for name in names:
@@ -171,7 +171,7 @@ class SubscriptionMethods:
         return Reply(accepted, Effect.SUBSCRIPTIONS_CHANGED, notices=tuple(notices))
 
     def _unsubscribe(self, call: Call) -> Reply:
-        held = call.conn.channels
+        held = call.connection().channels
         removed: list[str] = []
         for name in _channel_names(call.params):
             if name in held:
@@ -185,7 +185,7 @@ class SubscriptionMethods:
 
     @staticmethod
     def _unsubscribe_all(call: Call) -> Reply:
-        call.conn.channels.clear()
+        call.connection().channels.clear()
         return Reply("ok", Effect.SUBSCRIPTIONS_CHANGED)
 
     def _private_unsubscribe_all(self, call: Call) -> Reply:

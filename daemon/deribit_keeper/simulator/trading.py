@@ -27,7 +27,14 @@ from deribit_keeper.jsonrpc import (
 )
 from deribit_keeper.protocol import ErrorCode
 
-from .market import CURRENCIES, INSTRUMENTS, Instrument, currency_object, instrument_object
+from .market import (
+    CURRENCIES,
+    INSTRUMENTS,
+    Instrument,
+    account_summary_object,
+    currency_object,
+    instrument_object,
+)
 from .market import instruments_of as market_instruments
 from .orders import TIME_IN_FORCE, Direction, Order, OrderBook, OrderEvent, Outcome
 from .records import Call, Reply
@@ -51,7 +58,7 @@ ORDER_TYPE_FILTERS: Final = (
 
 
 class TradingMethods:
-    """Orders and market data over JSON-RPC.
+    """Orders, market data and the account's (constant) balances over JSON-RPC.
 
     Args:
         book: the simulator-wide order book.
@@ -67,6 +74,9 @@ class TradingMethods:
         return {
             "public/get_instruments": self._get_instruments,
             "public/get_currencies": self._get_currencies,
+            "public/get_time": self._get_time,
+            "private/get_account_summary": self._get_account_summary,
+            "private/get_account_summaries": self._get_account_summaries,
             "private/buy": self._buy,
             "private/sell": self._sell,
             "private/edit": self._edit,
@@ -84,7 +94,9 @@ class TradingMethods:
 
     @staticmethod
     def _get_instruments(call: Call) -> Reply:
-        currency = get_choice(call.params, "currency", (*CURRENCIES, "any"))
+        """(choice) ``currency`` may be left out for ``any``: Deribit's docs call it required,
+        yet ccxt's ``load_markets`` asks without it and gets every instrument."""
+        currency = get_choice(call.params, "currency", (*CURRENCIES, "any"), "any")
         kind = opt_str(call.params, "kind", "future")
         if kind not in INSTRUMENT_KINDS:
             raise invalid("kind", "invalid value")
@@ -95,6 +107,27 @@ class TradingMethods:
     @staticmethod
     def _get_currencies(call: Call) -> Reply:
         return Reply([currency_object(i) for i in INSTRUMENTS.values()])
+
+    @staticmethod
+    def _get_time(call: Call) -> Reply:
+        """The server's clock in ms, as ccxt's ``fetch_time`` reads it."""
+        return Reply(int(call.wall_now * 1000))
+
+    # The account ------------------------------------------------------------------------------
+
+    def _get_account_summary(self, call: Call) -> Reply:
+        """The constant, healthy account of ``market.account_summary_object``, per currency."""
+        self._client(call)
+        currency = get_choice(call.params, "currency", CURRENCIES)
+        opt_bool(call.params, "extended", False)  # the extended fields are not simulated
+        return Reply(account_summary_object(currency))
+
+    def _get_account_summaries(self, call: Call) -> Reply:
+        """Every settlement currency's summary; what ccxt's ``fetch_balance`` asks for."""
+        self._client(call)
+        opt_bool(call.params, "extended", False)
+        currencies = dict.fromkeys(i.currency for i in INSTRUMENTS.values())
+        return Reply({"summaries": [account_summary_object(c) for c in currencies]})
 
     # Placing and changing orders --------------------------------------------------------------
 
@@ -120,7 +153,7 @@ class TradingMethods:
             raise invalid("post_only", "only valid with a resting time_in_force")
         outcome = self._book.place(
             client_id=client_id,
-            conn_id=call.conn.id,
+            conn_id=None if call.conn is None else call.conn.id,  # HTTP: no connection
             instrument=instrument,
             direction=direction,
             amount=amount,
