@@ -286,3 +286,28 @@ async def test_local_cod_sends_its_cancels_a_few_at_a_time(
     assert 3 <= trio.current_time() - died < 4  # three rounds of at most eight
     assert sim.open_orders("main-id") == []
     assert log_lines.events("gateway.cod_fired")[0]["cancelled"] == 20
+
+
+async def test_a_cod_repair_that_fails_closes_the_local_links_as_an_upstream_loss(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+) -> None:
+    """The COD guard finds COD off and cannot get it confirmed: the link is lost from
+    enabling_cod, not from ready, and its orders and subscriptions went with it all the same,
+    so the engine's links are closed with 1013 and it resyncs."""
+    keeper = await run_keeper(nursery, gateway_account(sim, cod_check_interval=5))
+    gateway = keeper.gateways["main"]
+    async with local_client(gateway) as engine:
+        await engine.auth()
+        await engine.result("public/subscribe", {"channels": ["ticker.BTC-PERPETUAL.100ms"]})
+        sim.misreport_cod(times=2)  # the check finds it off; the repair's confirm too
+        with trio.fail_after(10):
+            closed = await engine.until_closed()
+    assert closed.code == 1013
+    [lost] = log_lines.events("session.lost")
+    assert lost["state"] == "enabling_cod"
+    assert log_lines.events("gateway.upstream_lost")
+    await until(keeper, ready_and_listening(keeper))
+    assert gateway.fanout.channels() == []

@@ -83,6 +83,7 @@ class Gateway:
         # Orders each local client placed over HTTP: local COD cancels them with its last link.
         self.client_orders: dict[str, LinkOrders] = {}
         self._order_settled = trio.Event()
+        self._upstream_served = False  # the session was ready since its last loss
         self._known_methods: set[str] = set()  # names Deribit answered as methods it has
         self._nursery: trio.Nursery | None = None
         self._stop: tuple[int, str] | None = None
@@ -105,6 +106,7 @@ class Gateway:
         """Relay through ``session`` from now on (the account's newest; older ones are ignored)."""
         self._detach()
         self._session = session
+        self._upstream_served = session.ready
         session.watch(self._on_session_event)
         session.listen(self._on_notification)
 
@@ -362,7 +364,12 @@ class Gateway:
     def _on_session_event(self, session: Session, event: str, fields: Mapping[str, Any]) -> None:
         if session is not self._session or self._stop is not None:
             return
-        if event == events.SESSION_LOST and fields.get("state") == "ready":
+        if event == events.SESSION_READY:
+            self._upstream_served = True
+        elif event == events.SESSION_LOST and self._upstream_served:
+            # Ready since the last loss, whatever state it was lost in (a COD repair that
+            # failed is lost in enabling_cod): its orders and subscriptions went with it.
+            self._upstream_served = False
             closed = self._close_all(End.UPSTREAM_LOST, 1013, f"upstream lost: {fields['reason']}")
             self.fanout.reset()
             self._forget_client_orders()
