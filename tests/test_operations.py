@@ -123,6 +123,26 @@ async def test_a_changed_http_listen_is_reported_as_needing_a_restart(
     keeper.stop()
 
 
+async def test_a_new_admin_token_alone_needs_no_restart(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+    tmp_path: Path,
+) -> None:
+    """The token is read on every request, so a reload that only adds or rotates it takes
+    effect at once and must not tell the operator to restart."""
+    (tmp_path / "admin.token").write_text("first-admin-token\n")
+    path = write(tmp_path / "c.yaml", sim, entry("main"), top="http: {listen: 0}\n")
+    keeper = await keeper_on(nursery, path, environ={})
+    top = "http: {listen: 0, admin_token_file: admin.token}\n"
+    write(path, sim, entry("main"), top=top)
+    keeper.reload_from_disk()
+    (reloaded,) = log_lines.events("keeper.reloaded")
+    assert reloaded["needs_restart"] == []
+    keeper.stop()
+
+
 async def test_an_endpoint_that_cannot_bind_is_a_clear_error(
     autojump_clock: trio.testing.MockClock, sim: Simulator, log_lines: LogLines
 ) -> None:

@@ -250,7 +250,7 @@ class Keeper:
         except ConfigError as error:
             self._log.error(events.KEEPER_RELOAD_FAILED, reason=str(error))
             return None
-        needs_restart = ["http.listen"] if config.http != self.config.http else []
+        needs_restart = ["http.listen"] if _listen_of(config) != _listen_of(self.config) else []
         result = self.reload(config)
         self._log.info(
             events.KEEPER_RELOADED,
@@ -474,3 +474,9 @@ class Keeper:
 
 def _gateway_of(account: AccountConfig | None) -> GatewayConfig | None:
     return None if account is None else account.gateway
+
+
+def _listen_of(config: KeeperConfig) -> str | None:
+    """Where the endpoint listens: what a reload cannot change without a restart (a new admin
+    token, read on every request, takes effect at once)."""
+    return None if config.http is None else config.http.bind
