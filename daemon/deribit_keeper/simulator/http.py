@@ -186,7 +186,9 @@ class HttpConnection:
                     return event, bytes(raw), scope.deadline
                 if event is not h11.NEED_DATA:
                     return None  # the client closed between requests
-                data = bytes(await self._stream.receive_some(RECEIVE_BYTES))
+                # Never more than h11's limit and a byte: past that, h11 refuses with 431.
+                size = max(1, min(RECEIVE_BYTES, MAX_HEAD_BYTES + 1 - len(raw)))
+                data = bytes(await self._stream.receive_some(size))
                 if data and not raw:  # the first byte: from now on the request has its timeout
                     scope.deadline = min(deadline, trio.current_time() + self._request_timeout)
                 raw += data
