@@ -63,6 +63,8 @@ PRIVATE_TRADING = [
     "private/get_order_state",
     "private/get_open_orders_by_currency",
     "private/get_open_orders_by_instrument",
+    "private/get_open_orders",
+    "private/get_positions",
     "private/subscribe",
     "private/unsubscribe",
     "private/unsubscribe_all",
@@ -905,3 +907,29 @@ async def test_account_scope_cod_protects_the_orders_of_later_connections(
     await sim.wait_for(lambda: not sim.connections[0].open)
     assert sim.connections[0].cod_cancelled == []
     assert sim.open_orders("id1") == [unprotected]
+
+
+async def test_get_open_orders_lists_every_currency_and_get_positions_nets_the_fills(
+    autojump_clock: trio.testing.MockClock, sim: Simulator
+) -> None:
+    """What NautilusTrader's reconciliation asks for: every open order of the account, and the
+    net position per instrument from its fills (none until something fills)."""
+    async with connect(sim) as client:
+        await client.auth()
+        assert await client.result("private/get_positions", {"currency": "any"}) == []
+        resting = [
+            await place(client, 40000),
+            await place(client, 1000, instrument="ETH-PERPETUAL"),
+        ]
+        listed = await client.result("private/get_open_orders")
+        assert [o["order_id"] for o in listed] == [o["order_id"] for o in resting]
+        await place(client, 51000, amount=30)  # fills 30 at the ask, 50005
+        await place(client, 49000, side="sell", amount=10)  # fills 10 at the bid
+        [position] = await client.result("private/get_positions", {"currency": "BTC"})
+        assert await client.result("private/get_positions", {"currency": "ETH"}) == []
+    assert (position["instrument_name"], position["direction"], position["size"]) == (
+        BTC,
+        "buy",
+        20,
+    )
+    assert position["kind"] == "future" and position["mark_price"] > 0

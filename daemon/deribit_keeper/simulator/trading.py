@@ -88,6 +88,8 @@ class TradingMethods:
             "private/get_order_state": self._get_order_state,
             "private/get_open_orders_by_currency": self._open_by_currency,
             "private/get_open_orders_by_instrument": self._open_by_instrument,
+            "private/get_open_orders": self._open_orders,
+            "private/get_positions": self._get_positions,
         }
 
     # Market data ------------------------------------------------------------------------------
@@ -281,6 +283,71 @@ class TradingMethods:
             )
         )
         return Reply([order.wire() for order in orders])
+
+    def _open_orders(self, call: Call) -> Reply:
+        """Every open order of the account, whatever its currency (NautilusTrader's
+        reconciliation asks for this one)."""
+        client_id = self._client(call)
+        kind = get_choice(call.params, "kind", (*INSTRUMENT_KINDS, "combo", "any"), "any")
+        types = _type_filter(call.params)
+        orders = self._book.orders(
+            lambda o: o.is_open and o.client_id == client_id and kind in ("future", "any") and types
+        )
+        return Reply([order.wire() for order in orders])
+
+    def _get_positions(self, call: Call) -> Reply:
+        """(choice) The net position per instrument from the account's fills (no funding, no
+        margin): only instruments with a position are listed."""
+        client_id = self._client(call)
+        currency = get_choice(call.params, "currency", (*CURRENCIES, "any"), "any")
+        kind = get_choice(call.params, "kind", (*INSTRUMENT_KINDS, "combo", "any"), "any")
+        if kind not in ("future", "any"):
+            return Reply([])
+        sizes: dict[str, tuple[float, float]] = {}
+        for order in self._book.orders(lambda o: o.client_id == client_id and o.filled_amount > 0):
+            if currency not in ("any", order.instrument.currency):
+                continue
+            sign = 1 if order.direction == "buy" else -1
+            size, cost = sizes.get(order.instrument.name, (0.0, 0.0))
+            filled = sign * order.filled_amount
+            sizes[order.instrument.name] = (size + filled, cost + filled * order.average_price)
+        return Reply(
+            [
+                _position_object(INSTRUMENTS[name], size, cost)
+                for name, (size, cost) in sorted(sizes.items())
+                if size
+            ]
+        )
+
+
+def _position_object(instrument: Instrument, size: float, cost: float) -> dict[str, Any]:
+    """Deribit's position object for a net ``size`` (USD, negative short) bought for ``cost``
+    (the sum of amount times price): the fields NautilusTrader and ccxt read."""
+    mark = instrument.mark_price
+    average = abs(cost / size) if size else 0.0
+    pnl = size / average - size / mark if size else 0.0  # inverse: in the base currency
+    return {
+        "instrument_name": instrument.name,
+        "kind": "future",
+        "direction": "buy" if size > 0 else "sell",
+        "size": size,
+        "size_currency": size / mark,
+        "average_price": average,
+        "mark_price": mark,
+        "index_price": mark,
+        "settlement_price": mark,
+        "floating_profit_loss": pnl,
+        "total_profit_loss": pnl,
+        "realized_profit_loss": 0.0,
+        "realized_funding": 0.0,
+        "interest_value": 0.0,
+        "delta": size / mark,
+        "initial_margin": 0.0,
+        "maintenance_margin": 0.0,
+        "open_orders_margin": 0.0,
+        "estimated_liquidation_price": None,
+        "leverage": instrument.max_leverage,
+    }
 
 
 def _trade_reply(outcome: Outcome) -> Reply:
