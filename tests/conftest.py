@@ -195,16 +195,18 @@ T = TypeVar("T")
 
 
 def _leaks(where: str, texts: Iterable[str], forbidden: set[str]) -> list[str]:
-    """``where: ...`` for each text holding any of ``forbidden``.
+    """``where: ...`` for each text holding any of ``forbidden``, with the text around it.
 
     Plain substring search: with a few dozen secrets and tokens and a test's few hundred kB of
     output, this is milliseconds; a regex alternation would be slower, not faster.
     """
     found = []
     for text in texts:
-        leaked = sorted(s for s in forbidden if s in text)
+        leaked = [s for s in forbidden if s in text]
         if leaked:
-            found.append(f"{where}: {len(leaked)} secret(s) or token(s) in {text[:300]!r}")
+            at = text.index(leaked[0])
+            around = text[max(0, at - 150) : at + len(leaked[0]) + 150]
+            found.append(f"{where}: {len(leaked)} secret(s) or token(s), as in {around!r}")
     return found
 
 

@@ -321,49 +321,84 @@ def test_auth_none_off_loopback_is_refused_with_exit_78(
 # ---- accounts kept apart ------------------------------------------------------------------------
 
 
-async def test_a_client_of_one_gateway_can_neither_see_nor_cancel_another_accounts_orders(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
-) -> None:
-    """Through main's gateway, with hedge's order ids, labels, its gateway's token, its local
-    client's credentials or signature: hedge's orders stay open and never show, while main's
-    own cancel_all still works on main's."""
+async def two_gateways(
+    nursery: trio.Nursery, sim: Simulator
+) -> tuple[Gateway, Gateway, list[dict[str, Any]]]:
+    """main's gateway (for ENGINE) and hedge's (for RESEARCH), and two open orders of hedge's,
+    placed through hedge's gateway over WebSocket and HTTP."""
     keeper = await run_keeper(
         nursery,
         gateway_account(sim, "main", gateway=gateway_config(clients=(ENGINE,))),
         gateway_account(sim, "hedge", gateway=gateway_config(clients=(RESEARCH,))),
     )
     main_gw, hedge_gw = keeper.gateways["main"], keeper.gateways["hedge"]
+    assert hedge_gw.port is not None
+    async with local_client(hedge_gw) as b:
+        await b.auth(RESEARCH)
+        orders = [await b.buy(price=30000, label="b-ws")]
+    answer = await http_private(hedge_gw.port, "private/buy", BUY, client=RESEARCH)
+    orders.append(answer.body["result"]["order"])
+    return main_gw, hedge_gw, orders
+
+
+def credentials(client_id: str, secret: str) -> dict[str, Any]:
+    return {"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret}
+
+
+async def test_another_gateways_tokens_and_credentials_are_refused_by_this_one(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
+) -> None:
+    """On main's gateway: hedge's local client (13004), hedge's Deribit key (13004), a token
+    hedge's gateway issued (13009, WebSocket and HTTP) and a signature by hedge's client
+    (13004) are all refused, and hedge's orders stay open."""
+    main_gw, hedge_gw, b_orders = await two_gateways(nursery, sim)
     assert main_gw.port is not None and hedge_gw.port is not None
-    channel = "user.orders.BTC-PERPETUAL.raw"
-    async with local_client(hedge_gw) as b, local_client(main_gw) as a:
+    async with local_client(hedge_gw) as b:
         b_grant = await b.auth(RESEARCH)
-        b_orders = [await b.buy(price=30000, label="b-ws")]
-        http_order = await http_private(hedge_gw.port, "private/buy", BUY, client=RESEARCH)
-        b_orders.append(http_order.body["result"]["order"])
-        b_ids = [o["order_id"] for o in b_orders]
-        b_token = await http_token(hedge_gw.port, RESEARCH)
-
-        # hedge's credentials mean nothing on main's gateway
-        assert deribit_error(await a.call("public/auth", research_credentials())) == 13004
-        stolen = {"access_token": b_grant["access_token"]}
-        assert deribit_error(await a.call("private/get_open_orders", stolen)) == 13009
-        for header in [
-            f"bearer {b_token}",
-            hmac_header(RESEARCH, "GET", f"/api/v2/private/cancel?order_id={b_ids[0]}"),
+    b_token = await http_token(hedge_gw.port, RESEARCH)
+    cancel = f"/api/v2/private/cancel?order_id={b_orders[0]['order_id']}"
+    async with local_client(main_gw) as a:
+        for client_id, secret in [
+            (RESEARCH.client_id, RESEARCH.client_secret.reveal()),
+            (SIM_ACCOUNTS[1].client_id, SIM_ACCOUNTS[1].client_secret),
         ]:
-            uri = f"/api/v2/private/cancel?order_id={b_ids[0]}"
-            answer = await http_call(main_gw.port, "GET", uri, headers=(("Authorization", header),))
-            assert answer.status == 400 and answer.body["error"]["code"] in (13004, 13009)
+            answer = await a.call("public/auth", credentials(client_id, secret))
+            assert deribit_error(answer) == ErrorCode.INVALID_CREDENTIALS
+        for token in (b_grant["access_token"], b_token):
+            answer = await a.call("private/cancel_all", {"access_token": token})
+            assert deribit_error(answer) == ErrorCode.UNAUTHORIZED
+    for header, code in [
+        (f"bearer {b_token}", ErrorCode.UNAUTHORIZED),
+        (hmac_header(RESEARCH, "GET", cancel), ErrorCode.INVALID_CREDENTIALS),
+    ]:
+        refused = await http_call(main_gw.port, "GET", cancel, headers=(("Authorization", header),))
+        assert (refused.status, refused.body["error"]["code"]) == (400, code)
+    still_open = {o["order_id"] for o in sim.open_orders("hedge-id")}
+    assert still_open == {o["order_id"] for o in b_orders}
 
-        # authenticated on main's gateway, with hedge's ids and labels
+
+async def test_another_accounts_order_ids_labels_and_events_are_out_of_reach(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
+) -> None:
+    """An authenticated client of main's gateway, with hedge's order ids and labels, can read,
+    edit or cancel none of hedge's orders, lists only main's, cancels only main's with
+    cancel_all (WebSocket and HTTP), and hears nothing of hedge's on user.orders."""
+    main_gw, hedge_gw, b_orders = await two_gateways(nursery, sim)
+    assert main_gw.port is not None
+    b_ids = {o["order_id"] for o in b_orders}
+    channel = "user.orders.BTC-PERPETUAL.raw"
+    async with local_client(main_gw) as a, local_client(hedge_gw) as b:
         await a.auth()
+        await b.auth(RESEARCH)
         await a.result("private/subscribe", {"channels": [channel]})
         a_order = await a.buy(price=31000, label="a-ws")
         for order_id in b_ids:
-            for method in ("private/get_order_state", "private/cancel"):
-                assert "error" in await a.call(method, {"order_id": order_id}), method
-            edit = {"order_id": order_id, "amount": 20, "price": 30500}
-            assert "error" in await a.call("private/edit", edit)
+            for method, params in [
+                ("private/get_order_state", {"order_id": order_id}),
+                ("private/cancel", {"order_id": order_id}),
+                ("private/edit", {"order_id": order_id, "amount": 20, "price": 30500}),
+            ]:
+                assert "error" in await a.call(method, params), method
         for label in ("b-ws", "b-http"):
             await a.call("private/cancel_by_label", {"label": label})
         for method, params in [
@@ -373,18 +408,16 @@ async def test_a_client_of_one_gateway_can_neither_see_nor_cancel_another_accoun
         ]:
             seen = {o["order_id"] for o in await a.result(method, params)}
             assert seen == {a_order["order_id"]}, method
-        assert await a.result("private/cancel_all") == 1  # main's one order, nothing of hedge's
-        http_own = await http_private(main_gw.port, "private/cancel_all")
-        assert http_own.status == 200 and http_own.body["result"] == 0
+        assert await a.result("private/cancel_all") == 1  # main's one order
+        over_http = await http_private(main_gw.port, "private/cancel_all")
+        assert (over_http.status, over_http.body["result"]) == (200, 0)
 
-        # hedge trades on; main's subscriber hears nothing of it
         late = await b.buy(price=29000, label="b-late")
         await b.result("private/cancel", {"order_id": late["order_id"]})
         # Relayed over main's upstream, so answered after anything Deribit queued there first.
         await a.result("public/get_time")
-        heard = {o["order_id"] for o in a.notifications(channel)}
-        assert heard == {a_order["order_id"]}
-    assert {o["order_id"] for o in sim.open_orders("hedge-id")} == set(b_ids)
+        assert {o["order_id"] for o in a.notifications(channel)} == {a_order["order_id"]}
+    assert {o["order_id"] for o in sim.open_orders("hedge-id")} == b_ids
 
 
 def _deribit_lists_api_keys(plant: pytest.MonkeyPatch) -> None:
@@ -430,11 +463,3 @@ async def test_a_local_client_cannot_read_deribits_api_secrets_through_the_gatew
     leaked = caught(exposure)
     relayed = [c.methods().count("private/list_api_keys") for c in sim.connections]
     assert (leaked, sum(relayed)) == ([], 0)
-
-
-def research_credentials() -> dict[str, Any]:
-    return {
-        "grant_type": "client_credentials",
-        "client_id": RESEARCH.client_id,
-        "client_secret": RESEARCH.client_secret.reveal(),
-    }
