@@ -91,6 +91,9 @@ def log_lines() -> LogLines:
     return lines
 
 
+T = TypeVar("T")
+
+
 class Exposure:
     """Everything the current test's keeper showed anyone, and what it must never show.
 
@@ -98,8 +101,8 @@ class Exposure:
 
     * ``built``: every Keeper, Session, Gateway and Simulator made; after the test their reprs,
       configs, snapshots (what /status serves), link reprs and metrics page are rendered.
-    * ``served``: every ASGI message the keeper's own servers sent, through ``serving.serve``,
-      the one place that serves both the operations endpoint and every gateway: /status,
+    * ``served``: every ASGI message the keeper's own servers sent, through serving.py's
+      ``serve`` (hypercorn's), which serves both the operations endpoint and every gateway: /status,
       /metrics and cancel-all bodies, gateway WebSocket frames, HTTP answers and close reasons,
       headers included. Taken at the server, so it covers every client (ccxt too).
     * ``errors``: every KeeperError and RpcFault made, as str and repr.
@@ -134,12 +137,11 @@ class Exposure:
         secrets, local_tokens = self._secrets(), set(self.local_tokens)
         deribit_tokens = {t for sim in self._all(Simulator) for t in sim.issued_tokens}
         forbidden = secrets | deribit_tokens | local_tokens
-        found = [
+        return [
             *_leaks("output", self._rendered(), forbidden),
             *_leaks("served", map(_issued_removed(local_tokens), self.served), forbidden),
             *_leaks("upstream", self._upstream(), local_tokens | (secrets - self.deribit_secrets)),
         ]
-        return found
 
     def clear(self) -> None:
         """Forget everything shown so far, logs and the objects built included: for a test that
@@ -189,9 +191,6 @@ class Exposure:
             for conn in sim.connections:
                 yield from (f"{method} {params}" for method, params in conn.requests)
             yield from (f"{method} {params}" for method, params in sim.http_requests)
-
-
-T = TypeVar("T")
 
 
 def _leaks(where: str, texts: Iterable[str], forbidden: set[str]) -> list[str]:
