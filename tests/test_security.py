@@ -437,12 +437,6 @@ def _deribit_lists_api_keys(plant: pytest.MonkeyPatch) -> None:
     plant.setattr(Dispatcher, "handle", handle)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: the gateway relays private/list_api_keys (and every other API-key method) "
-    "upstream, so a local client, which is meant to hold no exchange secret, reads the "
-    "account's Deribit client_secret in the answer, over WebSocket and HTTP",
-)
 async def test_a_local_client_cannot_read_deribits_api_secrets_through_the_gateway(
     autojump_clock: trio.testing.MockClock,
     nursery: trio.Nursery,

@@ -44,6 +44,7 @@ from ..rest import (
 )
 from ..signatures import http_request_data
 from .link import hello, test
+from .policy import never_relayed
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -97,6 +98,8 @@ class HttpApi:
         owner = self._authenticate(request, scope, body)
         if websocket_only(method, params):
             raise websocket_only_fault()
+        if never_relayed(method):
+            raise RpcFault(ErrorCode.FORBIDDEN)
         if method == "public/auth":
             grant = gateway.auth.authenticate(params, wall_now=gateway.wall_clock())
             gateway.authenticated(grant.client_id, grant.scope, transport="http")

@@ -41,6 +41,7 @@ from ..protocol import API_VERSION, HEARTBEAT_MIN_S, ErrorCode
 from .frames import relayed_frame
 from .local_auth import LocalGrant
 from .orders import LinkOrders
+from .policy import never_relayed
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -220,6 +221,8 @@ class LocalLink:
 
     async def _handle(self, request: Request, us_in: int) -> None:
         self._check_private(request)
+        if never_relayed(request.method):
+            raise RpcFault(ErrorCode.FORBIDDEN)
         handler = self._local.get(request.method)
         if handler is not None:
             result = handler(request)
