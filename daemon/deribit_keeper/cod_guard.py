@@ -23,7 +23,7 @@ from typing import Any, Final
 import trio
 
 from . import events
-from .errors import CodNotConfirmed, RpcError
+from .errors import CodNotConfirmed, RpcError, SessionLost
 from .protocol import ErrorCode
 from .rpc import RpcConnection
 
@@ -119,9 +119,10 @@ class CodGuard:
         A refused reading (13028 or any other error answer but a rate limit) is logged as
         ``session.cod_check_failed`` and tried again at the next interval: dropping the link
         for it would fire COD and cancel every protected order over a transient refusal. A
-        rate limit (10028) ends the link, as Deribit ends the session then anyway. An
-        unanswered reading ends it too (``request_timeout``, as for every request of the
-        session): a link that cannot answer in time cannot be trusted to relay either.
+        rate limit (10028) ends the link, as Deribit ends the session then anyway. A reading
+        left unanswered past the request timeout is also only a warning: one slow answer on a
+        link whose silence watchdog says it is alive must not end it (its COD would cancel the
+        whole book); a dead link is the watchdog's to find.
         """
         while True:
             await trio.sleep(self._interval)
@@ -174,22 +175,29 @@ class CodGuard:
     async def _read_or_warn(
         self, rpc: RpcConnection, scopes: Sequence[str], *, during: str
     ) -> Drift | None:
-        """``find_drift``, with an error answer but a rate limit logged and taken as no news.
+        """``find_drift``, with an error answer but a rate limit, or no answer in time, logged
+        and taken as no news.
 
         Raises:
             RpcError: 10028, a rate limit.
-            SessionLost: no answer in time, or the link ended.
+            SessionLost: the link ended.
         """
         try:
             return await find_drift(rpc, scopes)
         except RpcError as refused:
             if refused.code == ErrorCode.TOO_MANY_REQUESTS:
                 raise
-            self._emit(
-                logging.WARNING,
-                events.SESSION_COD_CHECK_FAILED,
-                during=during,
-                code=refused.code,
-                detail=refused.detail,
-            )
-            return None
+            code: int | None = refused.code
+            detail = refused.detail
+        except SessionLost as lost:
+            if lost.reason != "request_timeout":
+                raise  # the link ended: nothing to retry on it
+            code, detail = None, lost.detail
+        self._emit(
+            logging.WARNING,
+            events.SESSION_COD_CHECK_FAILED,
+            during=during,
+            code=code,
+            detail=detail,
+        )
+        return None

@@ -109,7 +109,10 @@ def read_request(http_method: str, path: str, query: str, body: bytes) -> Reques
         frame = json.dumps(
             {**document, "method": method}, separators=(",", ":"), ensure_ascii=False
         )
-        return parse_frame(frame)
+        try:
+            return parse_frame(frame)
+        except UnicodeEncodeError:  # a lone surrogate escaped in the body: not text
+            raise BadFrame(RpcFault(ErrorCode.PARSE_ERROR)) from None
     if not method:
         raise BadFrame(RpcFault(ErrorCode.METHOD_NOT_FOUND))
     return Request(id=NO_ID, method=method, params=query_params(query))

@@ -313,7 +313,7 @@ class Gateway:
         client = link.client_id
         others = any(other.client_id == client for other in self.links.values())
         if self.config.cancel_on_disconnect and client in self.client_orders and not others:
-            books.append(self.client_orders[client])
+            books.append(self.client_orders[client].fork())  # not what it places from now on
         return books
 
     def _books(self) -> list[LinkOrders]:

@@ -69,7 +69,10 @@ class HttpApi:
         if scope["method"] not in ALLOWED_METHODS:
             await _send(send, 405, b'{"error":"method not allowed: use GET or POST"}', allow=True)
             return
-        body = await _read_body(receive)
+        try:
+            body = await _read_body(receive)
+        except _ClientGone:
+            return  # a request cut short is not the request its client meant: nothing is sent
         status, payload = await self._answer(scope, body, us_in)
         await _send(send, status, payload.encode())
 
@@ -119,8 +122,10 @@ class HttpApi:
         """
         auth = self._gateway.auth
         token = request.params.pop("access_token", None)
-        if not request.method.startswith("private/"):
-            return None
+        if request.method.startswith("public/"):
+            return None  # anything else needs credentials, however it is spelt
+        if not auth.required:
+            return None  # auth none: any id a header names is a claim, so orders belong to no one
         credential = read_authorization(_header(scope, b"authorization"))
         if credential is None and token is not None:
             credential = Bearer(token) if isinstance(token, str) else Bearer("")
@@ -133,12 +138,10 @@ class HttpApi:
             return auth.check_signed(credential, data, wall_now=self._gateway.wall_clock())
         if isinstance(credential, Bearer):
             client = auth.client_of(credential.token)
-            if client is None and auth.required:
+            if client is None:
                 raise RpcFault(ErrorCode.UNAUTHORIZED)
             return client
-        if auth.required:
-            raise RpcFault(ErrorCode.UNAUTHORIZED)
-        return None
+        raise RpcFault(ErrorCode.UNAUTHORIZED)
 
     async def _relay(self, request: Request, owner: str | None) -> dict[str, Any]:
         """Send the request over the session and wait for Deribit's answer. An order's answer
@@ -154,18 +157,18 @@ class HttpApi:
 
         def on_answer(answer: dict[str, Any] | None) -> None:
             if book is not None:
-                book.settled(placing)
-                if placing:
+                result = None if answer is None else answer.get("result")
+                book.answered(ticket, request.method, result)
+                if ticket is not None:
                     gateway.order_settled()
             if answer is not None:
-                if book is not None:
-                    book.learn(request.method, answer.get("result"))
                 gateway.relayed(request.method, answer, trio.current_time() - sent)
             outcome.append(answer)
             arrived.set()
 
         async with self._in_flight:
-            placing, sent = book is not None and book.sending(request.method), trio.current_time()
+            ticket = None if book is None else book.send(request.method)
+            sent = trio.current_time()
             try:
                 await gateway.relay(request.method, request.params, on_answer)
             except (NotReady, SessionLost):
@@ -206,14 +209,22 @@ def _header(scope: HTTPScope, name: bytes) -> str | None:
     return None
 
 
+class _ClientGone(Exception):
+    """The client went away before its request's body was whole."""
+
+
 async def _read_body(receive: ASGIReceiveCallable) -> bytes | None:
-    """The request body, or None once it passes 32 kB (Deribit's limit): reading stops there."""
+    """The request body, or None once it passes 32 kB (Deribit's limit): reading stops there.
+
+    Raises:
+        _ClientGone: the connection ended before the body did.
+    """
     chunks: list[bytes] = []
     size = 0
     while True:
         event = await receive()
         if event["type"] != "http.request":
-            return b"".join(chunks)  # http.disconnect: what came is all there is
+            raise _ClientGone  # http.disconnect before the body was whole
         chunk = event.get("body", b"")
         size += len(chunk)
         if size > MAX_FRAME_BYTES:

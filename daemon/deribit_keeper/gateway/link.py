@@ -257,8 +257,8 @@ class LocalLink:
         in its params. The token is removed from every request, public ones too: Deribit never
         sees a local token."""
         token = request.params.pop("access_token", None)
-        if not request.method.startswith("private/") or not self._gateway.auth.required:
-            return
+        if request.method.startswith("public/") or not self._gateway.auth.required:
+            return  # anything but public/ needs auth, however it is spelt (Private/buy...)
         if token is not None:
             if not isinstance(token, str) or self._gateway.auth.client_of(token) is None:
                 raise RpcFault(ErrorCode.UNAUTHORIZED)

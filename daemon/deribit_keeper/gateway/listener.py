@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 API_PATH: Final = "/ws/api/v2"
 _REFUSALS: Final = {
+    403: "refused: a request from a web page (Origin, Sec-Fetch-Site); engines send neither",
     404: "not found: the gateway serves ws://HOST:PORT/ws/api/v2 and http://HOST:PORT/api/v2",
     429: "too many local links: max_clients reached",
     503: "the gateway is stopping",
@@ -39,6 +40,11 @@ class GatewayApp:
     ) -> None:
         if scope["type"] == "lifespan":
             await lifespan(receive, send)
+        elif _from_a_web_page(scope):
+            if scope["type"] == "websocket":
+                await _refuse(send, 403)
+            else:
+                await _answer(send, 403, _REFUSALS[403])
         elif scope["type"] == "websocket":
             status = self._gateway.admit(scope["path"])
             if status is not None:
@@ -53,6 +59,21 @@ class GatewayApp:
             await self._gateway.http_api.serve(scope, receive, send)
         else:
             await _answer(send, 404, _REFUSALS[404])
+
+
+def _from_a_web_page(scope: Scope) -> bool:
+    """Whether a browser sent this on a page's behalf. (choice) Refused on every gateway: any
+    page the trader opens could otherwise send a plain GET (no CORS preflight) or open a
+    WebSocket to loopback, and with ``auth: none`` place real orders. Trading engines' HTTP and
+    WebSocket clients send neither header; ``Sec-Fetch-Site: none`` (typed by the user) is let
+    through."""
+    if scope["type"] not in ("http", "websocket"):
+        return False
+    for name, value in scope["headers"]:
+        key = name.lower()
+        if key == b"origin" or (key == b"sec-fetch-site" and value.lower() != b"none"):
+            return True
+    return False
 
 
 async def _refuse(send: ASGISendCallable, status: int) -> None:

@@ -38,11 +38,13 @@ class LinkOrders:
     requests) created, and how many of its buys, sells and edits are still unanswered: local
     COD must wait for those answers to learn what to cancel."""
 
-    __slots__ = ("_open", "placing")
+    __slots__ = ("_followers", "_open", "placing")
 
     def __init__(self) -> None:
         self._open: set[str] = set()
         self.placing = 0
+        # ticket of a placing request in flight -> the forks that must learn its answer too
+        self._followers: dict[object, list[LinkOrders]] = {}
 
     def __len__(self) -> int:
         return len(self._open)
@@ -56,6 +58,40 @@ class LinkOrders:
     def settled(self, placing: bool) -> None:
         """A request ``sending`` said was placing has its answer (or never will)."""
         self.placing -= placing
+
+    def send(self, method: str) -> object | None:
+        """Like ``sending``, for an owner that outlives its forks (a client's HTTP orders): a
+        ticket to hand to ``answered``, or None for a request that places nothing."""
+        if not self.sending(method):
+            return None
+        ticket = object()
+        self._followers[ticket] = []
+        return ticket
+
+    def answered(self, ticket: object | None, method: str, result: Any) -> None:
+        """A request ``send`` noted has its answer (``result`` None: it never will); this book
+        and every fork made while it was in flight learn it."""
+        books = [self]
+        if ticket is not None:
+            forks = self._followers.pop(ticket, [])
+            books += forks
+            self.placing -= 1
+            for fork in forks:
+                fork.placing -= 1
+        if result is not None:
+            for book in books:
+                book.learn(method, result)
+
+    def fork(self) -> LinkOrders:
+        """What local COD cancels for an owner that goes on: the orders open now, and those the
+        requests in flight now will create; orders placed afterwards are not in it (a client
+        whose link died may reconnect and place new ones over HTTP at once)."""
+        fork = LinkOrders()
+        fork._open = set(self._open)
+        fork.placing = len(self._followers)
+        for forks in self._followers.values():
+            forks.append(fork)
+        return fork
 
     def forget_all(self) -> None:
         """Deribit's own COD cancelled everything that went upstream: nothing is left open."""
