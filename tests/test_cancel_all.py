@@ -497,13 +497,28 @@ def test_the_command_gives_up_on_a_silent_endpoint_within_its_timeout(
 ) -> None:
     """A listener that never answers: exit 1 once the timeout passes, outcome called unknown."""
     monkeypatch.setenv("MAIN_SECRET", MAIN.client_secret)
-    monkeypatch.setattr(cli, "CANCEL_ALL_MARGIN_S", 0.0)
+    monkeypatch.setattr(cli, "CANCEL_ALL_TIMEOUT_S", 0.2)
     with socket.socket() as listener:  # the kernel completes the handshake; nobody answers
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         path = cli_config(tmp_path, None, listen=f"127.0.0.1:{listener.getsockname()[1]}")
-        path.write_text(path.read_text().replace("heartbeat_interval: 10", "request_timeout: 0.2"))
         assert main(["cancel-all", "main", "--config", str(path)]) == EX_SOFTWARE
     err = capsys.readouterr().err
     assert "no answer from the keeper" in err and "within 0.2s" in err
+    SHOWN.append(err)
+
+
+def test_the_command_needs_none_of_the_keepers_secrets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From an operator's shell the service's ${VAR}s are not set: the command reads only the
+    http section, so it gets as far as the endpoint (here: nothing listens, exit 1, not 78)."""
+    monkeypatch.delenv("MAIN_SECRET", raising=False)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    path = cli_config(tmp_path, None, listen=f"127.0.0.1:{port}")
+    assert main(["cancel-all", "main", "--config", str(path)]) == EX_SOFTWARE
+    err = capsys.readouterr().err
+    assert "nothing listens" in err
     SHOWN.append(err)

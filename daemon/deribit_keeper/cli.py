@@ -24,12 +24,12 @@ import trio
 from . import __version__, events, logs
 from .config import (
     HttpConfig,
-    KeeperConfig,
     LogConfig,
     Secret,
     default_config_path,
     describe,
     load_config,
+    load_http_config,
 )
 from .errors import ConfigError
 
@@ -39,7 +39,9 @@ EX_CONFIG: Final = 78
 
 # cancel-all waits for the keeper, which waits for Deribit up to the account's request timeout:
 # allow that much plus this for the hop to the keeper itself.
-CANCEL_ALL_MARGIN_S: Final = 5.0
+# How long the command waits for the keeper, which itself answers 504 once the account's
+# request_timeout has passed; a longer request_timeout makes the command say "outcome unknown".
+CANCEL_ALL_TIMEOUT_S: Final = 30.0
 _WILDCARDS: Final = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
@@ -146,15 +148,16 @@ def _run(path: Path | None, shard_arg: str | None) -> int:
 def _cancel_all(path: Path | None, account: str) -> int:
     """Ask the running keeper (``http.listen``) to cancel every open order of ``account``.
 
-    It goes through the keeper's own session: this process never talks to Deribit, so it needs
-    no account secret, only the admin token, which it reads from the same file the keeper does.
+    It goes through the keeper's own session: this process never talks to Deribit, so it reads
+    only the config's ``http`` section (no account secret needs resolving) and the admin token,
+    from the same file the keeper does.
     Prints the keeper's JSON answer on success; otherwise one line on stderr and exit 1.
     """
-    config = load_config(_config_path(path))
-    endpoint, token = _admin_endpoint(config)
+    source = _config_path(path)
+    endpoint, token = _admin_endpoint(str(source), load_http_config(source))
     # A keeper listening on every address is reached on loopback, where it listens too.
     endpoint = replace(endpoint, host=_WILDCARDS.get(endpoint.host, endpoint.host))
-    timeout = max((a.request_timeout for a in config.accounts), default=0.0) + CANCEL_ALL_MARGIN_S
+    timeout = CANCEL_ALL_TIMEOUT_S
     try:
         status, body = _post_cancel_all(endpoint, account, token, timeout)
     except TimeoutError:
@@ -177,13 +180,12 @@ def _cancel_all(path: Path | None, account: str) -> int:
     return EX_OK
 
 
-def _admin_endpoint(config: KeeperConfig) -> tuple[HttpConfig, Secret]:
+def _admin_endpoint(source: str, endpoint: HttpConfig | None) -> tuple[HttpConfig, Secret]:
     """``http`` and its admin token, or the ConfigError that says what the config lacks.
 
     All is checked before anything is sent: without a section, a token or a known port no
     request could succeed.
     """
-    source, endpoint = str(config.source), config.http
     if endpoint is None:
         problem = "not set: cancel-all asks the running keeper's endpoint, and this config has none"
         raise ConfigError(source, "http.listen", problem)

@@ -248,6 +248,30 @@ def load_config(
     raise ConfigError(display, "", problem)
 
 
+def load_http_config(
+    path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+) -> HttpConfig | None:
+    """Only the ``http`` section of the config file, checked as ``load_config`` checks it.
+
+    For ``deribit-keeper cancel-all``, which talks to the running keeper's endpoint and never
+    to Deribit: it must run from an operator's shell, where the service's secrets (its
+    ``${VAR}``s, its ``$CREDENTIALS_DIRECTORY``) are not there to resolve.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or its ``http`` section is wrong.
+    """
+    display = os.fspath(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            display, "", f"cannot read: {exc.strerror or type(exc).__name__}"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(display, "", "is not UTF-8 text") from None
+    return _Loader(display, Path(path).absolute(), environ).http_section(text)
+
+
 def parse_config(
     text: str, *, source: Path, environ: Mapping[str, str] | None = None
 ) -> KeeperConfig:
@@ -386,6 +410,14 @@ class _Loader(GatewayChecker):
             http=endpoint,
             warnings=tuple(self.warnings),
         )
+
+    def http_section(self, text: str) -> HttpConfig | None:
+        """The ``http`` section alone; the rest of the document is not looked at."""
+        document = self.parse_yaml(text)
+        if not isinstance(document, dict):
+            raise self.error("", "expected a mapping with an accounts list")
+        http = self.mapping(Raw(document.get("http"), "http"), _HTTP_KEYS, null_ok=True)
+        return self.http(http)
 
     def http(self, http: dict[str, Raw]) -> HttpConfig | None:
         """The endpoint, or None without ``listen`` (no section, or every line commented out)."""
