@@ -20,6 +20,8 @@ server ended it abruptly: the socket is closed without a close frame, as when a 
 from __future__ import annotations
 
 import math
+import socket
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -37,7 +39,7 @@ from deribit_keeper.jsonrpc import (
     result_frame,
 )
 
-from .faults import Failure, Faults
+from .faults import Break, Failure, Faults
 from .market import ticker_object
 from .orders import OrderEvent
 from .records import Call, Effect, LinkState, SimConnection
@@ -99,6 +101,7 @@ class ConnectionHandler:
         self._close_requested = trio.Event()
         self._close_code = 1000
         self._close_abrupt = False
+        self._close_reset = False
         self._heartbeat_scope: trio.CancelScope | None = None
         self._ticker_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -111,15 +114,17 @@ class ConnectionHandler:
         """True once the server decided to close; nothing more is answered after that."""
         return self._close_requested.is_set()
 
-    def request_close(self, code: int = 1000, *, abrupt: bool = False) -> None:
+    def request_close(self, code: int = 1000, *, abrupt: bool = False, reset: bool = False) -> None:
         """Ask ``run`` to end the connection (idempotent: the first request wins).
 
-        A clean close sends a close frame with ``code``; an abrupt one closes the TCP socket.
+        A clean close sends a close frame with ``code``; an abrupt one closes the TCP socket
+        without one (a FIN), and ``reset`` makes that a TCP reset (RST) instead.
         """
         if self.closing or self.record.closed_by is not None:
             return
         self._close_code = code
-        self._close_abrupt = abrupt
+        self._close_abrupt = abrupt or reset
+        self._close_reset = reset
         self._close_requested.set()
 
     def go_silent(self) -> None:
@@ -137,8 +142,8 @@ class ConnectionHandler:
         frame = notification_frame("subscription", {"channel": channel, "data": data})
         self._outbox_in.send_nowait(frame)
 
-    async def send_raw(self, text: str) -> None:
-        """Send any text frame, even while silent (a fault is deliberate).
+    async def send_raw(self, text: str | bytes) -> None:
+        """Send any frame, even while silent (a fault is deliberate): bytes go as a binary frame.
 
         Raises:
             ConnectionClosed: the WebSocket is closed or closing.
@@ -161,6 +166,9 @@ class ConnectionHandler:
     async def _close(self) -> None:
         self._record_end("server", None if self._close_abrupt else self._close_code)
         if self._close_abrupt:
+            if self._close_reset:
+                self.record.reset = True
+                reset_on_close(self._stream)
             await trio.aclose_forcefully(self._stream)
             return
         # aclose sends the close frame and waits for the client's; on timeout it closes the
@@ -237,12 +245,36 @@ class ConnectionHandler:
         if self._silent:
             return
         # Faults are consumed on arrival, so "the next N calls" means the next N to arrive.
+        broken = self._faults.take_break(request.method)
+        if broken is not None:
+            self._faults.note(trio.current_time(), f"break {broken.how}", self.record.id)
+            await self._break(broken)
+            return
         failure = self._faults.take_failure(request.method)
         delay = self._faults.take_delay(request.method)
+        if failure is not None:
+            self._faults.note(trio.current_time(), f"fail {failure.code}", self.record.id)
+        if delay > 0:
+            self._faults.note(trio.current_time(), f"delay {delay:g}s", self.record.id)
         if delay > 0 and self._nursery is not None:
             self._nursery.start_soon(self._answer, request, us_in, failure, delay)
         else:
             await self._answer(request, us_in, failure, 0.0)
+
+    async def _break(self, broken: Break) -> None:
+        """Break the connection instead of answering a request (``Faults.break_next``)."""
+        if broken.how == "close":
+            self.request_close(broken.code)
+        elif broken.how in ("eof", "reset"):
+            self.request_close(abrupt=True, reset=broken.how == "reset")
+        elif broken.how == "silence":
+            self.go_silent()
+        else:
+            try:
+                await self.send_raw(broken.frame)
+            except ConnectionClosed:
+                pass  # the read loop sees the close and records it
+        self._notify()
 
     async def _answer(
         self, request: Request, us_in: int, failure: Failure | None, delay: float
@@ -260,7 +292,7 @@ class ConnectionHandler:
             if failure is not None:
                 if request.method == "public/test":
                     self._dispatcher.note_test_answer(self._link, self.record)
-                raise RpcFault(failure.code)
+                raise failure.fault()
             call = Call(
                 request.params,
                 self.record,
@@ -359,3 +391,15 @@ class ConnectionHandler:
 
     def _micros(self) -> int:
         return int(self._wall_clock() * 1_000_000)
+
+
+def reset_on_close(stream: trio.abc.Stream) -> None:
+    """Make closing ``stream``'s socket send a TCP reset (RST), not a FIN: SO_LINGER with a zero
+    timeout, the one portable way to abort a TCP connection. A stream that is not a plain
+    socket stream is left alone (it closes with a FIN)."""
+    if isinstance(stream, trio.SocketStream):
+        linger = struct.pack("ii", 1, 0)
+        try:
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        except OSError:
+            pass  # already gone: nothing left to reset

@@ -22,7 +22,8 @@ class SimConnection:
 
     ``cod_fired`` is set when the connection ended while its COD was active and it had not logged
     out: the moment Deribit cancels the orders this connection created, whose ids then are in
-    ``cod_cancelled`` (in creation order). ``channels`` are the subscriptions it holds (or held
+    ``cod_cancelled`` (in creation order). ``abrupt`` means no close handshake; ``reset``
+    that the server's end was a TCP reset. ``channels`` are the subscriptions it holds (or held
     when it ended), in the order first subscribed. Times are Trio time. ``repr`` leaves out
     ``requests``, whose params may hold a secret.
     """
@@ -40,6 +41,7 @@ class SimConnection:
     closed_by: Literal["client", "server"] | None = None
     close_code: int | None = None
     abrupt: bool = False
+    reset: bool = False  # the server ended it with a TCP reset (RST), not a FIN
     logged_out: bool = False
     cod_fired: bool = False
     cod_cancelled: list[str] = field(default_factory=list)

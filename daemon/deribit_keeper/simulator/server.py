@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import structlog
 import trio
@@ -33,9 +33,9 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_strea
 from deribit_keeper.protocol import MAX_CONNECTIONS_PER_IP
 
 from .accounts import SimAccount
-from .connection import CLOSE_TIMEOUT_S, ConnectionHandler
+from .connection import CLOSE_TIMEOUT_S, IDLE_TIMEOUT_S, ConnectionHandler, reset_on_close
 from .exchange import Exchange
-from .faults import Faults
+from .faults import Breakage, Faults, HandshakeBreak, HandshakeBreakage, Triggered
 from .http import HttpConnection, ReplayStream
 from .http_calls import HttpCalls
 from .orders import Order, OrderBook, OrderEvent
@@ -46,6 +46,11 @@ from .subscriptions import fan_out
 API_PATH = "/ws/api/v2"
 # A client that opens TCP but never finishes its handshake (or an HTTP request) is dropped.
 HANDSHAKE_TIMEOUT_S = 10.0
+# What ``break_handshakes`` sends: the first line of an acceptance, never followed by the rest;
+# and a head far beyond any client's limit (h11 and wsproto allow 16 kB).
+_HALF_HANDSHAKE: Final = b"HTTP/1.1 101 Switching Protocols\r\n"
+_OVERSIZED_HEAD: Final = _HALF_HANDSHAKE + b"X-Filler: " + b"a" * 256 * 1024 + b"\r\n\r\n"
+_NOT_HTTP: Final = b"this is not HTTP\r\n\r\n"
 
 _log = structlog.get_logger()
 
@@ -127,6 +132,12 @@ class Simulator:
         return "http" + self.url.removeprefix("ws").removesuffix(API_PATH)
 
     @property
+    def triggered(self) -> list[Triggered]:
+        """Every armed fault that took effect, in order, with the Trio time it did: the moment
+        a test measures a client's detection time from."""
+        return self._faults.triggered
+
+    @property
     def issued_tokens(self) -> list[str]:
         """Every access and refresh token ever issued, for tests that look for leaks."""
         return self._exchange.issued_tokens
@@ -199,14 +210,48 @@ class Simulator:
     # Fault injection -------------------------------------------------------------------------
 
     def fail_next(
-        self, method: str, code: int, *, times: int = 1, close_after: bool = False
+        self,
+        method: str,
+        code: int,
+        *,
+        times: int = 1,
+        close_after: bool = False,
+        message: str | None = None,
     ) -> None:
         """Answer the next ``times`` calls of ``method`` (any connection) with error ``code``.
 
         With ``close_after`` the connection is closed (code 1000) right after the answer: how
-        10028 ``too_many_requests`` terminates a session.
+        10028 ``too_many_requests`` terminates a session. ``message`` is needed only for a code
+        Deribit's table here lacks (-32603 ``Internal error``, say).
         """
-        self._faults.fail_next(method, code, times=times, close_after=close_after)
+        self._faults.fail_next(method, code, times=times, close_after=close_after, message=message)
+
+    def break_next(
+        self,
+        method: str,
+        how: Breakage,
+        *,
+        code: int = 1000,
+        frame: str | bytes = "",
+        times: int = 1,
+    ) -> None:
+        """Instead of answering the next ``times`` calls of ``method`` (any connection), break
+        that connection ``how``: ``close`` (a close frame with ``code``), ``eof`` (TCP closed
+        without a close frame: the client sees 1006), ``reset`` (a TCP RST), ``silence`` (as
+        ``go_silent``) or ``frame`` (send ``frame``, bytes as a binary frame, and no answer).
+        """
+        self._faults.break_next(method, how, code=code, frame=frame, times=times)
+
+    def break_handshakes(self, n: int, how: HandshakeBreakage, *, seconds: float = 0.0) -> None:
+        """Make the next ``n`` WebSocket handshakes go wrong ``how``, once their request is read:
+        ``blackhole`` (never answered, TCP kept open), ``stall`` (the first line of a 101, then
+        nothing), ``delay`` (answered after ``seconds``), ``reset`` (TCP RST), ``eof`` (TCP
+        closed unanswered), ``garbage`` (bytes that are not HTTP) or ``oversized`` (a 101 whose
+        head is 256 kB). A blackholed or stalled connection is held until the client leaves
+        (or Deribit's 10-minute idle rule); a handshake broken this way is not counted in
+        ``connections``.
+        """
+        self._faults.break_handshakes(n, how, seconds=seconds)
 
     def delay_next(self, method: str, seconds: float, *, times: int = 1) -> None:
         """Handle the next ``times`` calls of ``method`` only after ``seconds``.
@@ -239,16 +284,19 @@ class Simulator:
         self._publish(outcome.events)
         return outcome.order
 
-    async def drop(self, conn: SimConnection, *, abrupt: bool = False) -> None:
+    async def drop(
+        self, conn: SimConnection, *, abrupt: bool = False, code: int = 1000, reset: bool = False
+    ) -> None:
         """End ``conn`` from the server side and return once it has ended.
 
-        Clean: a close frame with code 1000. Abrupt: the TCP socket is closed with no close frame.
+        Clean: a close frame with ``code`` (1000 unless given). Abrupt: the TCP socket is closed
+        with no close frame (the client sees 1006); ``reset`` makes that a TCP reset (RST).
         Does nothing if the connection has already ended.
         """
         handler = self._live.get(conn.id)
         if handler is None:
             return
-        handler.request_close(1000, abrupt=abrupt)
+        handler.request_close(code, abrupt=abrupt, reset=reset)
         await self.wait_for(lambda: not conn.open)
 
     def go_silent(self, conn: SimConnection) -> None:
@@ -266,8 +314,9 @@ class Simulator:
         if handler is not None:
             handler.suppress_test_requests()
 
-    async def send_raw(self, conn: SimConnection, text: str) -> None:
-        """Send an arbitrary text frame on ``conn`` (garbage, unsolicited answers...).
+    async def send_raw(self, conn: SimConnection, text: str | bytes) -> None:
+        """Send an arbitrary frame on ``conn`` (garbage, unsolicited answers...); bytes are sent
+        as a binary frame.
 
         Raises:
             ValueError: the connection has ended.
@@ -325,11 +374,37 @@ class Simulator:
                 return  # the client vanished before we could even ask who it was
             http = HttpConnection(stream, self._http.answer, request_timeout=HANDSHAKE_TIMEOUT_S)
             upgrade = await http.serve(deadline=trio.current_time() + HANDSHAKE_TIMEOUT_S)
+            broken = None if upgrade is None else self._faults.take_handshake_break()
+            if broken is not None:
+                self._faults.note(trio.current_time(), f"handshake {broken.how}")
+                self._notify()
+                if not await self._break_handshake(stream, broken):
+                    return
             if upgrade is not None:
                 replay = ReplayStream(stream, upgrade.raw)
                 await self._handle_websocket(stream, replay, str(peer[0]), upgrade.deadline)
         finally:
             await trio.aclose_forcefully(stream)
+
+    async def _break_handshake(self, stream: trio.SocketStream, broken: HandshakeBreak) -> bool:
+        """Do what ``break_handshakes`` armed; True if the handshake should go on (a delay)."""
+        try:
+            if broken.how == "delay":
+                await trio.sleep(broken.seconds)
+                return True
+            if broken.how == "reset":
+                reset_on_close(stream)
+            elif broken.how in ("garbage", "oversized"):
+                await stream.send_all(_NOT_HTTP if broken.how == "garbage" else _OVERSIZED_HEAD)
+            elif broken.how in ("blackhole", "stall"):
+                if broken.how == "stall":
+                    await stream.send_all(_HALF_HANDSHAKE)
+                with trio.move_on_after(IDLE_TIMEOUT_S):
+                    while await stream.receive_some():
+                        pass  # whatever the client sends is ignored, until it leaves
+        except trio.BrokenResourceError:
+            pass  # the client left first: the fault has done its work
+        return False
 
     async def _handle_websocket(
         self, stream: trio.SocketStream, replay: ReplayStream, ip: str, deadline: float
