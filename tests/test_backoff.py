@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deribit_keeper.backoff import Backoff, Severity, classify
-from deribit_keeper.errors import DeadLink, RpcError, SessionLost
+from deribit_keeper.errors import ClosedAfterRateLimit, DeadLink, RpcError, SessionLost
 
 
 def test_ceiling_doubles_from_initial_and_stops_at_max() -> None:
@@ -68,6 +68,7 @@ def test_delay_never_exceeds_the_cap(initial: float, cap: float, attempt: int, s
     [
         (SessionLost("connection_dropped"), Severity.TRANSIENT),
         (DeadLink(15.0), Severity.TRANSIENT),
+        (ClosedAfterRateLimit("closed_by_server"), Severity.RATE_LIMITED),  # a relayed 10028
         (RpcError("public/auth", 10028, "too_many_requests"), Severity.RATE_LIMITED),
         (RpcError("public/hello", 10028, "too_many_requests"), Severity.RATE_LIMITED),
         (RpcError("public/auth", 13004, "invalid_credentials"), Severity.PERSISTENT),

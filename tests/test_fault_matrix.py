@@ -182,7 +182,8 @@ def _expected_at_handshake(fault: Fault) -> Outcome | str:
         # trio-websocket's client waits out a handshake whose TCP ended: the connect bound
         return Outcome("connect_timeout", REQUEST_TIMEOUT)
     if fault.kind == "frame" and fault.frame != FAULTS["binary"].frame:
-        return Outcome("connect_timeout", REQUEST_TIMEOUT)
+        # an answer that is not HTTP, or whose head is over h11's limit: known at once
+        return Outcome("handshake_failed", AT_ONCE)
     if fault.kind == "close":
         return "no WebSocket to close yet; an HTTP refusal is refuse_handshakes (test_session)"
     return "JSON-RPC errors and binary frames need a WebSocket"
@@ -241,28 +242,7 @@ def _expected_locally(fault: Fault) -> Outcome | str:
 
 
 # Pairs that expose a keeper bug: kept failing on purpose until the daemon is fixed.
-_NOT_HTTP_ANSWER: Final = (
-    "a handshake answer that is not HTTP, or whose head is over h11's limit, leaves "
-    "rpc._connect as h11's LocalProtocolError, untranslated: logged as session.unexpected_error "
-    "and reason internal_error (a keeper bug, says the README) instead of handshake_failed"
-)
-_OWN_CLOSE_TAKEN_FOR_LOGOUT: Final = (
-    "on_shutdown: logout, and a bad frame comes instead of the logout's close: the keeper's "
-    "own reader ends the link, call_expecting_close takes that for Deribit's close, and no "
-    "session.logout_failed is logged, though COD fires and cancels the orders meant to stay"
-)
-KNOWN_BUGS: Final[dict[tuple[str, str], str]] = {
-    ("handshake", "malformed"): _NOT_HTTP_ANSWER,
-    ("handshake", "oversized"): _NOT_HTTP_ANSWER,
-    ("relayed_request", "err_10028"): (
-        "a relayed request answered 10028 (Deribit then closes with 1000) is retried as a "
-        "transient closed_by_server, at once, not after the rate limit's [max/2, max] the "
-        "README promises for 10028 on any method: the keeper reconnects into the rate limit"
-    ),
-    ("shutdown", "malformed"): _OWN_CLOSE_TAKEN_FOR_LOGOUT,
-    ("shutdown", "oversized"): _OWN_CLOSE_TAKEN_FOR_LOGOUT,
-    ("shutdown", "binary"): _OWN_CLOSE_TAKEN_FOR_LOGOUT,
-}
+KNOWN_BUGS: Final[dict[tuple[str, str], str]] = {}
 
 
 def _pairs() -> list[Any]:

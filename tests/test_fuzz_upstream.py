@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Final, cast
 
-import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, Phase, given, settings
@@ -179,29 +178,6 @@ STEPS: Final = st.lists(
 )
 
 
-def avoid_known_bugs(steps: Sequence[Step]) -> bool:
-    """Whether ``steps`` stays clear of the bugs the xfail tests below pin down."""
-    # test_a_frame_nested_deeper_than_pythons_recursion_limit_is_a_malformed_frame
-    return all(nesting(s.payload) < NESTING_BUG for s in steps if isinstance(s, Frame))
-
-
-NESTING_BUG: Final = 500  # json.loads raises RecursionError well before 1000 levels
-
-
-def nesting(payload: str | bytes) -> int:
-    """How deep brackets nest in ``payload``, strings not excepted (an overestimate is fine:
-    it only skips an example)."""
-    text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
-    depth = deepest = 0
-    for char in text:
-        if char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth = max(0, depth - 1)
-    return deepest
-
-
 # ---- one example -----------------------------------------------------------------------------
 
 
@@ -332,8 +308,7 @@ def test_any_upstream_frames_leave_the_other_account_untouched(
 ) -> None:
     """Whatever Deribit sends one account, the other stays READY on its own link, the
     supervisor runs on, and the first account is READY again afterwards."""
-    if avoid_known_bugs(steps):
-        run(steps, log_lines)
+    run(steps, log_lines)
 
 
 def test_the_scene_itself_passes_with_nothing_odd_sent(log_lines: LogLines) -> None:
@@ -345,15 +320,9 @@ def test_the_scene_itself_passes_with_nothing_odd_sent(log_lines: LogLines) -> N
     )
 
 
-# ---- bugs the fuzzing found, pinned down -----------------------------------------------------
+# ---- bugs the fuzzing found, each with the test that keeps it fixed ----------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rpc.RpcConnection._dispatch catches ValueError from json.loads but not "
-    "RecursionError: a deeply nested frame ends the link as session.unexpected_error "
-    "(reason internal_error, a traceback at error level) instead of malformed_frame",
-)
 async def test_a_frame_nested_deeper_than_pythons_recursion_limit_is_a_malformed_frame(
     autojump_clock: trio.testing.MockClock,
     nursery: trio.Nursery,
@@ -381,21 +350,15 @@ class StuckWebSocket:
         raise ConnectionClosed(CloseReason(1006, None))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="rpc.RpcConnection.send_relayed deletes its pending entry when the send fails, but "
-    "the reader's _end() has already popped it (and told on_answer None): KeyError, logged "
-    "as gateway.unexpected_error, and the local client gets 11050 bad_request for its order "
-    "instead of 13028; link.py's _relay then settles the request a second time",
-)
 def test_a_relayed_request_whose_link_ends_while_sending_is_refused_as_unavailable() -> None:
     """The link ends (the reader sees the close) while a relayed request is being sent: the
-    request raises SessionLost, and its ``on_answer`` hears None exactly once. (A trio.run of
-    its own, so that the failed assertion is not wrapped in pytest-trio's exception group.)"""
+    request raises SessionLost, and its ``on_answer`` is never told (the caller settles it
+    from the exception: told as well, link.py's _relay settled it twice, and a KeyError made
+    the order's client hear 11050 instead of 13028). (A trio.run of its own, so that the
+    failed assertion is not wrapped in pytest-trio's exception group.)"""
     raised, heard = trio.run(_send_while_the_link_ends)
-    assert raised == ["SessionLost"]  # today: ["KeyError"]
-    assert heard == [None]
+    assert raised == ["SessionLost"]
+    assert heard == []
 
 
 async def _send_while_the_link_ends() -> tuple[list[str], list[object]]:
@@ -421,3 +384,39 @@ async def _send_while_the_link_ends() -> tuple[list[str], list[object]]:
         conn._end()  # what _read_frames does when it meets the close
         ws.release.set()
     return raised, heard
+
+
+class SlowWebSocket:
+    """A WebSocket whose next send completes only once ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+
+    async def send_message(self, message: str | bytes) -> None:
+        await self.release.wait()
+
+
+def test_an_answer_that_arrives_while_its_request_is_still_being_sent_is_passed_on_once() -> None:
+    """Deribit may answer before the sender resumes: ``on_answer`` then hears it exactly once,
+    as soon as the send is over."""
+    heard = trio.run(_answer_while_sending)
+    assert heard == [{"jsonrpc": "2.0", "id": 1, "result": {"order": {"order_id": "7"}}}]
+
+
+async def _answer_while_sending() -> list[object]:
+    ws = SlowWebSocket()
+    conn = RpcConnection(
+        cast(WebSocketConnection, ws),
+        cast(trio.SocketStream, None),
+        on_notification=lambda method, params: None,
+        request_timeout=5.0,
+    )
+    heard: list[object] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.send_relayed, "private/buy", {"amount": 10}, heard.append)
+        await trio.testing.wait_all_tasks_blocked()
+        conn._dispatch('{"jsonrpc": "2.0", "id": 1, "result": {"order": {"order_id": "7"}}}')
+        conn._dispatch('{"jsonrpc": "2.0", "id": 1, "result": "a duplicate, ignored"}')
+        ws.release.set()
+    conn._end()
+    return heard

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Final
 
-from .errors import RpcError, SessionLost
+from .errors import ClosedAfterRateLimit, RpcError, SessionLost
 from .protocol import ErrorCode
 
 # A connection that stayed ready this long was not flapping: the next failure starts from `initial`.
@@ -48,6 +48,8 @@ def classify(lost: SessionLost) -> Severity:
     13009 on ``public/auth`` means the key, the signature or the clock is wrong: an operator
     problem. On any other method it only means the token lapsed, which a fresh connection cures.
     """
+    if isinstance(lost, ClosedAfterRateLimit):
+        return Severity.RATE_LIMITED
     if not isinstance(lost, RpcError):
         return Severity.TRANSIENT
     if lost.code == ErrorCode.TOO_MANY_REQUESTS:

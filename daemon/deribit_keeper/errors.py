@@ -63,6 +63,11 @@ class RpcError(SessionLost):
         super().__init__("rpc_error", f"{method} answered {code} {message}")
 
 
+class ClosedAfterRateLimit(SessionLost):
+    """The link closed after Deribit answered one of its requests 10028: its credits ran out,
+    and it ends the connection itself. Retried as a rate limit, not at once."""
+
+
 class DeadLink(SessionLost):
     """Nothing arrived for longer than the heartbeat interval plus its grace."""
 

@@ -20,6 +20,7 @@ from functools import cache
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+import h11
 import trio
 from trio_websocket import (
     ConnectionClosed,
@@ -29,11 +30,12 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from .errors import FrameTooLarge, RpcError, SessionLost, leaves
-from .protocol import MAX_FRAME_BYTES
+from .errors import ClosedAfterRateLimit, FrameTooLarge, RpcError, SessionLost, leaves
+from .protocol import MAX_FRAME_BYTES, ErrorCode
 
 CLOSE_TIMEOUT_S: Final = 1.0  # a polite close waits this long for the server's close frame
 NORMAL_CLOSURE: Final = 1000  # RFC 6455 close code
+MESSAGE_TOO_BIG: Final = 1009  # RFC 6455: trio-websocket closes with it on a frame over its limit
 
 OnNotification = Callable[[str, Any], None]
 OnRequest = Callable[[str, float], None]
@@ -129,6 +131,8 @@ class RpcConnection:
         self._watchdog: trio.CancelScope | None = None
         self._watchdog_limit = 0.0
         self._closing = False  # we started the end of this link: a close is expected, not a loss
+        self._rate_limited = False  # an answer said 10028: Deribit is about to close the link
+        self._spoiled: SessionLost | None = None  # a bad frame came while we were closing
         self._closed = trio.Event()
 
     def __repr__(self) -> str:
@@ -180,13 +184,21 @@ class RpcConnection:
         if self._closed.is_set():
             raise SessionLost("connection_closed", f"{method} not sent: the link ended")
         request_id = next(self._ids)
-        pending = self._pending[request_id] = _Pending(on_answer)
+        # ``on_answer`` is attached only once the send is over, so that it is told exactly
+        # once, and never when this raises: the link may end, or even answer, mid-send.
+        pending = self._pending[request_id] = _Pending()
         try:
             await self._send({"jsonrpc": "2.0", "id": request_id, "method": method,
                               "params": dict(params)})  # fmt: skip
         except BaseException:
-            del self._pending[request_id]
+            self._pending.pop(request_id, None)
             raise
+        if on_answer is not None:
+            if pending.answered.is_set():  # answered, or the link ended, while we sent
+                self._pending.pop(request_id, None)
+                on_answer(pending.message)
+            else:
+                pending.on_answer = on_answer
         return Relayed(self, request_id, pending, method)
 
     async def call_expecting_close(
@@ -198,6 +210,7 @@ class RpcConnection:
 
         Raises:
             RpcError: the server answered with an error instead of closing.
+            SessionLost: a frame this link cannot read came instead of the close.
         """
         self._closing = True
         request_id = next(self._ids)
@@ -214,6 +227,8 @@ class RpcConnection:
                     race.start_soon(_set_when, pending.answered, race.cancel_scope)
         finally:
             del self._pending[request_id]
+        if self._spoiled is not None:
+            raise self._spoiled  # a bad frame, not the server's close, ended the link
         if pending.message is not None and not self._closed.is_set():
             _result_of(method, pending.message)  # raises RpcError for an error answer
         return self._closed.is_set()
@@ -249,7 +264,7 @@ class RpcConnection:
         try:
             await self._ws.send_message(text)
         except ConnectionClosed as exc:
-            raise _closed(exc) from exc
+            raise self._lost(exc) from exc
 
     async def _read_frames(self) -> None:
         """Read frames until the link ends; raise ``SessionLost`` unless we ended it."""
@@ -257,9 +272,25 @@ class RpcConnection:
             while True:
                 self._dispatch(await self._ws.get_message())
         except ConnectionClosed as exc:
-            self._end()
             if not self._closing:
-                raise _closed(exc) from exc
+                self._end()
+                raise self._lost(exc) from exc
+            if exc.reason is not None and exc.reason.code == MESSAGE_TOO_BIG:
+                self._spoiled = self._lost(exc)  # trio-websocket's close, not the server's
+            self._end()
+        except SessionLost as lost:
+            if not self._closing:
+                raise
+            # Ending the link already: stop reading, and let a logout say it went wrong.
+            self._spoiled = lost
+            self._end()
+
+    def _lost(self, exc: ConnectionClosed) -> SessionLost:
+        """What the close means: after a 10028 answer (a relayed one, say), a rate limit."""
+        lost = _closed(exc)
+        if self._rate_limited:
+            return ClosedAfterRateLimit(lost.reason, f"{lost.detail}, after a 10028 answer")
+        return lost
 
     def _end(self) -> None:
         """The link is over: wake every request still waiting, so that none waits forever."""
@@ -278,7 +309,7 @@ class RpcConnection:
             self._watchdog.deadline = now + self._watchdog_limit
         try:
             message = json.loads(frame)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python goes
             # The frame may hold a token: say how long it was, never what it said.
             raise SessionLost("malformed_frame", f"{len(frame)}-byte frame is not JSON") from None
         if not isinstance(message, dict):
@@ -297,6 +328,8 @@ class RpcConnection:
             raise SessionLost("malformed_frame", "neither an answer nor a notification")
 
     def _answer(self, request_id: object, message: dict[str, Any]) -> None:
+        if "error" in message and _error_fields(message["error"])[0] == ErrorCode.TOO_MANY_REQUESTS:
+            self._rate_limited = True
         # An id we did not send, or one whose request timed out already, is ignored.
         if type(request_id) is not int:
             return
@@ -364,6 +397,10 @@ def _translate(error: BaseException) -> BaseException:
         lost = SessionLost("handshake_rejected", f"HTTP {error.status_code}")
     elif isinstance(error, HandshakeError):
         lost = SessionLost("handshake_failed", type(error).__name__)
+    elif isinstance(error, h11.ProtocolError):
+        # trio-websocket meets an upgrade answer that is not HTTP (or whose head is too big)
+        # and, as if it were the server, tries to answer it: h11 refuses, from its reader.
+        lost = SessionLost("handshake_failed", "the upgrade's answer is not valid HTTP")
     elif isinstance(error, ConnectionClosed):
         lost = _closed(error)
     elif isinstance(error, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
