@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import difflib
 import ipaddress
+import json
 import math
 import os
 import re
@@ -30,6 +31,7 @@ CREDENTIALS_DIR_VAR: Final = "CREDENTIALS_DIRECTORY"  # set by systemd's LoadCre
 SECRET_KEYS: Final = ("client_secret", "client_secret_file", "client_secret_env")
 _ONE_OF: Final = ", ".join(SECRET_KEYS)
 _VAR_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PLAIN_KEY: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _VAR_REF: Final = re.compile(r"\$\{([^}]*)\}")
 SECRET_FILE_READABLE: Final = "config.secret_file_readable"  # the event a ConfigWarning logs as
 LOOPBACK_HOST: Final = "127.0.0.1"  # where a bare http.listen port listens: loopback by default
@@ -180,7 +182,7 @@ class Checker:
         for key, value in raw.value.items():
             if not isinstance(key, str):
                 raise self.error(raw.path, f"keys must be strings, got {type_name(key)}")
-            path = f"{raw.path}.{key}" if raw.path else key
+            path = child_path(raw.path, key)
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
@@ -309,6 +311,9 @@ class Checker:
             if not _DIGITS.fullmatch(value):
                 problem = f"port must be a number from 0 to {PORT_MAX}, got {value!r}"
                 raise self.error(raw.path, problem)
+            if len(value.lstrip("0")) > len(str(PORT_MAX)):  # int() refuses 4301 digits
+                problem = f"port must be from 0 to {PORT_MAX}, got a {len(value)}-digit number"
+                raise self.error(raw.path, problem)
             value = int(value)
         if not 0 <= value <= PORT_MAX:
             raise self.error(raw.path, f"port must be from 0 to {PORT_MAX}, got {value}")
@@ -396,6 +401,8 @@ class Checker:
             problem = f"cannot read {path}: {exc.strerror or type(exc).__name__}"
         except UnicodeDecodeError:  # it holds the bytes: raise outside, unchained
             problem = f"{path} is not UTF-8 text"
+        except ValueError:  # a NUL byte, or a lone surrogate: no OS takes that path
+            problem = "is not a path the OS can open (a NUL byte or an invalid character)"
         else:
             self.check_mode(raw, path, mode)
             return text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
@@ -418,3 +425,12 @@ class Checker:
         if mode & _OTHERS_READ:
             detail = f"{path} is mode {stat.S_IMODE(mode):04o}; chmod 600 it"
             self.warnings.append(ConfigWarning(SECRET_FILE_READABLE, raw.path, detail))
+
+
+def child_path(parent: str, key: str) -> str:
+    """The key path of ``parent``'s entry ``key``: ``http.listen``, or, for a key that is not
+    a plain name, the key quoted (``http["."]``), so that no key can make a path read as
+    another one."""
+    if _PLAIN_KEY.fullmatch(key):
+        return f"{parent}.{key}" if parent else key
+    return f"{parent}[{json.dumps(key)}]"
