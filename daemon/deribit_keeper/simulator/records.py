@@ -24,7 +24,9 @@ class SimConnection:
     out: the moment Deribit cancels the orders this connection created, whose ids then are in
     ``cod_cancelled`` (in creation order). ``abrupt`` means no close handshake; ``reset``
     that the server's end was a TCP reset. ``channels`` are the subscriptions it holds (or held
-    when it ended), in the order first subscribed. Times are Trio time. ``repr`` leaves out
+    when it ended), in the order first subscribed. Times are Trio time. ``peer_port`` is the
+    client's end of the TCP connection, so a test can tell which of its sockets this record is
+    (a soak maps each keeper link to the simulator's view of it). ``repr`` leaves out
     ``requests``, whose params may hold a secret.
     """
 
@@ -46,6 +48,7 @@ class SimConnection:
     cod_fired: bool = False
     cod_cancelled: list[str] = field(default_factory=list)
     closed_at: float | None = None
+    peer_port: int | None = None  # the client's TCP port: which of a client's links this is
 
     def methods(self) -> list[str]:
         """The methods of the well-formed requests received, in arrival order."""

@@ -167,6 +167,16 @@ class Simulator:
         """Like ``orders``, but only those still open."""
         return [order.wire() for order in self._orders_of(client_id, conn) if order.is_open]
 
+    def orders_by_connection(self, client_id: str) -> list[tuple[int | None, dict[str, Any]]]:
+        """Every order of ``client_id``, oldest first, each with the id of the connection that
+        created it (None: placed over HTTP): one pass, for a check that walks every connection
+        (``open_orders(conn=...)`` per connection would be quadratic over a long soak).
+
+        Raises:
+            KeyError: no account has this client_id.
+        """
+        return [(order.conn_id, order.wire()) for order in self._orders_of(client_id, None)]
+
     def _orders_of(self, client_id: str, conn: SimConnection | None) -> list[Order]:
         if all(account.client_id != client_id for account in self._exchange.accounts):
             raise KeyError(client_id)
@@ -424,6 +434,7 @@ class Simulator:
         """The HTTP status to refuse a handshake with, or None to accept it (and count it)."""
         status = self._faults.take_refusal()
         if status is not None:
+            self._faults.note(trio.current_time(), f"refuse {status}")
             return status
         if path.split("?", 1)[0] != API_PATH:
             return 404  # (choice) Deribit serves the API only there
@@ -458,7 +469,11 @@ class Simulator:
             ws = await request.accept()
         except ConnectionClosed:
             return
-        record = SimConnection(id=len(self.connections) + 1, opened_at=trio.current_time())
+        record = SimConnection(
+            id=len(self.connections) + 1,
+            opened_at=trio.current_time(),
+            peer_port=_peer_port(stream),
+        )
         handler = ConnectionHandler(
             record,
             ws,
@@ -478,3 +493,13 @@ class Simulator:
             await handler.run()
         finally:
             del self._live[record.id]
+
+
+def _peer_port(stream: trio.abc.Stream) -> int | None:
+    """The client's TCP port, or None when the stream is not a plain socket (or has gone)."""
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    try:
+        return int(stream.socket.getpeername()[1])
+    except OSError:
+        return None

@@ -206,6 +206,7 @@ class Dispatcher:
             enabled = call.connection().cod_enabled
         if self._faults.take_misreport():
             enabled = False
+            self._faults.note(call.now, "misreport cod", None if call.conn is None else call.conn.id)
         return Reply({"scope": scope, "enabled": enabled})
 
     def _logout(self, call: Call) -> Reply:
