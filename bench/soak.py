@@ -217,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--token-ttl", type=float, default=120.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve is not None:
+        # stdout carries the one line that says where to connect; the simulators' log stays off
+        logs.configure(LogConfig(level="error", format="json"), stream=sys.stderr)
         trio.run(serve_simulators, args.serve, args.token_ttl)
         return 0
     if args.seed is None:

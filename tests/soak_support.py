@@ -1393,19 +1393,22 @@ class World:
         finally:
             self.gate.resume()
 
+    def _check_reports(self, name: str, view: SimView) -> None:
+        """Every readiness reported since the last check was on a link Deribit says has COD."""
+        log = self.monitor.accounts[name]
+        for when, port, hook in log.ready_reports:
+            conn = view.at_port(port, when) if port is not None else None
+            if conn is None or not conn.cod_enabled:
+                self.monitor.violation(
+                    "a",
+                    f"{name} reported ready by {hook} at {when:.1f} on a link without COD ({conn})",
+                )
+        log.ready_reports.clear()
+
     def _check_cod(self, views: Sequence[SimView]) -> None:
         for index, view in enumerate(views):
             name = account_name(index)
-            log = self.monitor.accounts[name]
-            for when, port, hook in log.ready_reports:
-                conn = view.at_port(port, when) if port is not None else None
-                if conn is None or not conn.cod_enabled:
-                    self.monitor.violation(
-                        "a",
-                        f"{name} reported ready by {hook} at {when:.1f} "
-                        f"on a link without COD ({conn})",
-                    )
-            log.ready_reports.clear()
+            self._check_reports(name, view)
             session = self.keeper.sessions[name]
             port = link_port(session)
             current = view.at_port(port, trio.current_time()) if port is not None else None

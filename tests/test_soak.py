@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable
-from typing import Final
+from typing import Any, Final, cast
 
 import pytest
 import trio
@@ -36,7 +37,18 @@ from .gateway_support import (
     until,
     upstream,
 )
-from .soak_support import LOCAL_COD_S, LocalSim, Plan, World, seed_from_env, sim_account
+from .soak_support import (
+    LOCAL_COD_S,
+    ConnView,
+    EngineLink,
+    LocalSim,
+    OrderView,
+    Plan,
+    SimView,
+    World,
+    seed_from_env,
+    sim_account,
+)
 
 # Every token either side issues holds a 32-character run of base64url (``token_urlsafe(24)``:
 # all of a gateway's, the tail of the simulator's).
@@ -189,3 +201,46 @@ async def test_a_local_link_that_dies_during_a_cod_repair_has_its_orders_cancell
     await trio.sleep(LOCAL_COD_S + 5)  # well past local COD's second
     assert upstream(sim).cod_enabled  # the upstream link lived: Deribit's COD never fired
     assert order["order_id"] not in [o["order_id"] for o in sim.open_orders("main-id")]
+
+
+async def test_every_check_reports_the_break_it_guards_against(nursery: trio.Nursery) -> None:
+    """Each invariant, planted broken, is reported under its letter: a quiet soak means the
+    promises held, not that nothing was looked at."""
+    world = World(Plan(seed=1, accounts=0), [], nursery, print)
+    monitor, now = world.monitor, trio.current_time()
+    link = EngineLink(world, 0, 0, 1, cast(Any, None), cast(Any, None), port=40000)
+    dead = ConnView(1, 40000, False, True, True, False, True, now - 9, now - 1)
+    no_cod = ConnView(2, 40001, True, False, False, False, True, now - 9, None)
+
+    # (a) ready reported on a link whose COD Deribit never had on
+    monitor.accounts["acct00"].ready_reports.append((now, 40001, "/readyz"))
+    world._check_reports("acct00", SimView((dead, no_cod), (), ()))
+    # (b) a close noticed late, and as the wrong reason
+    lost = [(now + 3, "request_timeout", "transient")]
+    world._judge("acct00", world.catalogue["drop_1000"], now, lost, (), [])
+    # (c) an order open on a link that ended with COD on, and one made without COD
+    orders = (OrderView("o1", "acct00.0.1.1", True, 1), OrderView("o2", "acct00.0.1.2", True, 2))
+    world._check_orders([SimView((dead, no_cod), (), orders)])
+    # (d) a retry beyond the policy's ceiling, an attempt it did not count, a try too soon
+    log = monitor.accounts["acct00"]
+    log.lost.append((now, "connection_dropped", "transient"))
+    monitor._check_retry("acct00", log, now, {"delay_s": 0.9, "attempt": 1})
+    monitor._check_retry("acct00", log, now, {"delay_s": 0.4, "attempt": 5})
+    monitor._session_event("acct00", cast(Any, None), "session.connecting", {})
+    # (e) more tasks than at the baseline
+    world._check_leaks(0)
+    assert monitor.baseline is not None
+    monitor.baseline = {key: value - 10 for key, value in monitor.baseline.items()}
+    world._check_leaks(1)
+    # (f) an answer to an id the engine never sent, a channel it does not hold, another
+    # account's order
+    link._check({"jsonrpc": "2.0", "id": 7, "result": "ok"})
+    data = {"label": "acct01.0.1.1", "order_id": "o9", "order_state": "open"}
+    notice = {"channel": "user.orders.any.any.raw", "data": data}
+    link._check({"jsonrpc": "2.0", "method": "subscription", "params": notice})
+
+    letters = Counter(line[1] for line in monitor.violations)
+    assert letters == {"a": 1, "b": 2, "c": 2, "d": 3, "e": letters["e"], "f": 3}, (
+        monitor.violations
+    )
+    assert letters["e"] >= 1
