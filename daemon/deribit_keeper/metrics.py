@@ -2,8 +2,10 @@
 
 Every series changes where its fact changes: a session tells ``KeeperMetrics`` about each event
 it logs (``Session.watch``), and each event updates a few numbers in memory. A scrape only
-renders them. The one value computed at scrape time is how long each link has been silent, as
-it grows with every passing second without any event to report it.
+renders them. The per-account series (state, COD, counters, silence) are plain numbers rendered
+by one collector at scrape time, not prometheus_client's labelled children: those cost about
+half a KiB each, and an account had twenty, a sixth of what a whole session costs. How long each
+link has been silent is computed at scrape time, as it grows without any event to report it.
 
 Each ``KeeperMetrics`` owns its ``CollectorRegistry``, so several keepers (or tests) in one
 process never see each other's series, and nothing lands in prometheus_client's global registry.
@@ -16,9 +18,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__, events
@@ -66,25 +68,95 @@ class _LinksCollector(Collector):
         yield family
 
 
-class _SilenceCollector(Collector):
-    """Seconds since each open link last heard from Deribit, read when Prometheus scrapes."""
+class _Tally:
+    """One account's counters, bumped by its session's events and rendered at scrape time."""
 
-    def __init__(self, sessions: Mapping[str, Session]) -> None:
-        self._sessions = sessions
+    __slots__ = ("cod_drift", "lost_reason", "reconnects", "refreshes", "session", "test_requests")
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.reconnects: dict[str, int] = {}  # by the reason the link was lost
+        self.lost_reason = UNKNOWN_REASON  # from session.lost until its session.retry
+        self.test_requests = 0
+        self.refreshes = 0
+        # counters show 0 before their first event
+        self.cod_drift = dict.fromkeys(guarded_scopes(session.account.cancel_on_disconnect), 0)
+
+
+def _account_families() -> tuple[GaugeMetricFamily | CounterMetricFamily, ...]:
+    """The per-account families, empty, in the order they are shown."""
+    return (
+        GaugeMetricFamily(
+            "deribit_keeper_session_ready",
+            "1 while the account is ready: authenticated, COD confirmed, heartbeat set",
+            labels=["account"],
+        ),
+        GaugeMetricFamily(
+            "deribit_keeper_session_state",
+            "1 for the state the account's session is in, 0 for the others",
+            labels=["account", "state"],
+        ),
+        GaugeMetricFamily(
+            "deribit_keeper_cod_enabled",
+            "1 while Cancel-On-Disconnect is confirmed on the account's live link",
+            labels=["account", "scope"],
+        ),
+        CounterMetricFamily(
+            "deribit_keeper_reconnects",
+            "Links lost and retried, by the reason the link was lost",
+            labels=["account", "reason"],
+        ),
+        CounterMetricFamily(
+            "deribit_keeper_test_requests_answered",
+            "Heartbeat test_requests answered with public/test",
+            labels=["account"],
+        ),
+        CounterMetricFamily(
+            "deribit_keeper_cod_drift",
+            "Times COD was found off behind the keeper's back (session.cod_drift), by scope",
+            labels=["account", "scope"],
+        ),
+        CounterMetricFamily(
+            "deribit_keeper_token_refreshes",
+            "Access tokens renewed on a live link (refresh_token, or a fresh auth if refused)",
+            labels=["account"],
+        ),
+        GaugeMetricFamily(SILENCE_NAME, SILENCE_HELP, labels=["account"]),
+    )
+
+
+class _AccountsCollector(Collector):
+    """Every per-account series, read from the tallies and the sessions when Prometheus
+    scrapes."""
+
+    def __init__(self, tallies: Mapping[str, _Tally]) -> None:
+        self._tallies = tallies
 
     def describe(self) -> Iterator[Metric]:
-        # Naming the family up front lets the registry refuse a duplicate at registration,
+        # Naming the families up front lets the registry refuse a duplicate at registration,
         # without calling collect() (which needs a running Trio loop).
-        yield GaugeMetricFamily(SILENCE_NAME, SILENCE_HELP, labels=["account"])
+        yield from _account_families()
 
     def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily(SILENCE_NAME, SILENCE_HELP, labels=["account"])
-        links = [(name, s.rpc) for name, s in self._sessions.items() if s.rpc is not None]
-        if links:
-            now = trio.current_time()
-            for name, rpc in links:
-                family.add_metric([name], max(0.0, now - rpc.last_inbound))
-        yield family
+        ready, state, cod, reconnects, tests, drift, refreshes, silence = _account_families()
+        # Only a live link needs the clock (and a Trio loop: a scrape may come from outside).
+        now = trio.current_time() if any(t.session.rpc for t in self._tallies.values()) else 0.0
+        for name, tally in self._tallies.items():
+            session = tally.session
+            is_ready = 1 if session.state is SessionState.READY else 0
+            ready.add_metric([name], is_ready)
+            for each in SessionState:
+                state.add_metric([name, each.value], 1 if each is session.state else 0)
+            cod.add_metric([name, session.account.cancel_on_disconnect], is_ready)
+            for reason, count in tally.reconnects.items():
+                reconnects.add_metric([name, reason], count)
+            tests.add_metric([name], tally.test_requests)
+            for scope, count in tally.cod_drift.items():
+                drift.add_metric([name, scope], count)
+            refreshes.add_metric([name], tally.refreshes)
+            if session.rpc is not None:
+                silence.add_metric([name], max(0.0, now - session.rpc.last_inbound))
+        yield from (ready, state, cod, reconnects, tests, drift, refreshes, silence)
 
 
 class _WithoutCreated(Collector):
@@ -114,53 +186,9 @@ class KeeperMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._sessions: dict[str, Session] = {}
-        self._shown: dict[str, SessionState] = {}  # the state each account's gauges show
-        self._lost_reason: dict[str, str] = {}  # from session.lost until its session.retry
-        self._reasons: dict[str, set[str]] = {}  # reconnect reasons seen, for forget()
+        self._tallies: dict[str, _Tally] = {}
         r = self.registry
-        self._ready = Gauge(
-            "deribit_keeper_session_ready",
-            "1 while the account is ready: authenticated, COD confirmed, heartbeat set",
-            ["account"],
-            registry=r,
-        )
-        self._state = Gauge(
-            "deribit_keeper_session_state",
-            "1 for the state the account's session is in, 0 for the others",
-            ["account", "state"],
-            registry=r,
-        )
-        self._cod = Gauge(
-            "deribit_keeper_cod_enabled",
-            "1 while Cancel-On-Disconnect is confirmed on the account's live link",
-            ["account", "scope"],
-            registry=r,
-        )
-        self._reconnects = Counter(
-            "deribit_keeper_reconnects",
-            "Links lost and retried, by the reason the link was lost",
-            ["account", "reason"],
-            registry=r,
-        )
-        self._test_requests = Counter(
-            "deribit_keeper_test_requests_answered",
-            "Heartbeat test_requests answered with public/test",
-            ["account"],
-            registry=r,
-        )
-        self._cod_drift = Counter(
-            "deribit_keeper_cod_drift",
-            "Times COD was found off behind the keeper's back (session.cod_drift), by scope",
-            ["account", "scope"],
-            registry=r,
-        )
-        self._refreshes = Counter(
-            "deribit_keeper_token_refreshes",
-            "Access tokens renewed on a live link (refresh_token, or a fresh auth if refused)",
-            ["account"],
-            registry=r,
-        )
+        r.register(_AccountsCollector(self._tallies))
         self._requests = Histogram(
             "deribit_keeper_request_duration_seconds",
             "Time from sending a JSON-RPC request to its answer, by method",
@@ -211,7 +239,6 @@ class KeeperMetrics:
             ["account"],
             registry=r,
         )
-        r.register(_SilenceCollector(self._sessions))
         r.register(_LinksCollector(self._gateways))
         # process_* (CPU, memory, open fds): what an operator expects of any exporter. Read from
         # /proc at scrape time, about the process only; nothing about the sessions.
@@ -225,16 +252,10 @@ class KeeperMetrics:
         reload changed) replaces the old one, whose series start again as after a restart.
         """
         name = session.account.name
-        if self._sessions.get(name) is session:
+        tally = self._tallies.get(name)
+        if tally is not None and tally.session is session:
             return
-        self.forget(name)
-        self._sessions[name] = session
-        self._reasons[name] = set()
-        self._test_requests.labels(name)  # counters show 0 before their first event
-        self._refreshes.labels(name)
-        for scope in guarded_scopes(session.account.cancel_on_disconnect):
-            self._cod_drift.labels(name, scope)
-        self._show_state(session)
+        self._tallies[name] = _Tally(session)
         session.watch(self._observe)
 
     def forget(self, account: str) -> None:
@@ -242,21 +263,7 @@ class KeeperMetrics:
 
         Events its session still emits while it ends are ignored from now on.
         """
-        session = self._sessions.pop(account, None)
-        if session is None:
-            return
-        self._ready.remove(account)
-        self._cod.remove(account, session.account.cancel_on_disconnect)
-        for state in SessionState:
-            self._state.remove(account, state.value)
-        for reason in self._reasons.pop(account, set()):
-            self._reconnects.remove(account, reason)
-        self._test_requests.remove(account)
-        self._refreshes.remove(account)
-        for scope in guarded_scopes(session.account.cancel_on_disconnect):
-            self._cod_drift.remove(account, scope)
-        self._shown.pop(account, None)
-        self._lost_reason.pop(account, None)
+        self._tallies.pop(account, None)
 
     def track_gateway(self, gateway: Gateway) -> None:
         """Show ``gateway``'s series from now on (a new one under a name replaces the old)."""
@@ -305,36 +312,23 @@ class KeeperMetrics:
         return generate_latest(self._exposed), CONTENT_TYPE_LATEST
 
     def _observe(self, session: Session, event: str, fields: Mapping[str, Any]) -> None:
-        name = session.account.name
-        if self._sessions.get(name) is not session:
+        tally = self._tallies.get(session.account.name)
+        if tally is None or tally.session is not session:
             return  # forgotten or replaced: its last events must not bring its series back
         if event == events.SESSION_LOST:
-            self._lost_reason[name] = str(fields.get("reason", UNKNOWN_REASON))
+            tally.lost_reason = str(fields.get("reason", UNKNOWN_REASON))
         elif event == events.SESSION_RETRY:
             # Counted at the retry, not the loss: a link lost while stopping is not reconnected,
             # and so the counter's sum matches the session's own ``reconnects``.
-            reason = self._lost_reason.pop(name, UNKNOWN_REASON)
-            self._reasons[name].add(reason)
-            self._reconnects.labels(name, reason).inc()
+            reason, tally.lost_reason = tally.lost_reason, UNKNOWN_REASON
+            tally.reconnects[reason] = tally.reconnects.get(reason, 0) + 1
         elif event == events.SESSION_READY and "setup_ms" in fields:
             # Ready again after a COD repair carries no setup_ms: that link was set up before.
             self._setup.observe(float(fields["setup_ms"]) / 1000)
         elif event == events.SESSION_COD_DRIFT:
-            self._cod_drift.labels(name, str(fields.get("scope", UNKNOWN_REASON))).inc()
+            scope = str(fields.get("scope", UNKNOWN_REASON))
+            tally.cod_drift[scope] = tally.cod_drift.get(scope, 0) + 1
         elif event == events.SESSION_TEST_REQUEST_ANSWERED:
-            self._test_requests.labels(name).inc()
+            tally.test_requests += 1
         elif event == events.SESSION_TOKEN_REFRESHED:
-            self._refreshes.labels(name).inc()
-        self._show_state(session)
-
-    def _show_state(self, session: Session) -> None:
-        """Make the state gauges say ``session.state``; nothing to do if they already do."""
-        name, state = session.account.name, session.state
-        if self._shown.get(name) is state:
-            return
-        self._shown[name] = state
-        ready = 1 if state is SessionState.READY else 0
-        self._ready.labels(name).set(ready)
-        self._cod.labels(name, session.account.cancel_on_disconnect).set(ready)
-        for each in SessionState:
-            self._state.labels(name, each.value).set(1 if each is state else 0)
+            tally.refreshes += 1

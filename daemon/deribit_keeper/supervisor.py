@@ -323,7 +323,7 @@ class Keeper:
         assert self._sessions_nursery is not None
         session = Session(
             account,
-            rng=random.Random(self._rng.random()),
+            rng=self._rng,  # one generator for all: a Random each was 2.5 KiB per session
             wall_clock=self._wall_clock,
             ssl_context=self._ssl_context,
             on_request=self.metrics.on_request,
