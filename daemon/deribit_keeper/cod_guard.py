@@ -20,8 +20,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import trio
-
 from . import events
 from .errors import CodNotConfirmed, RpcError, SessionLost
 from .protocol import ErrorCode
@@ -97,8 +95,12 @@ class CodGuard:
         interval: ``cod_check_interval``, seconds between two readings of a ready link.
         emit: the session's ``_emit``; ``session.cod_drift`` and ``session.cod_check_failed``
             go through it, so logs, metrics and status hear of them as of any event.
-        repair: the session's in-place repair, called with the drift while the guard's lock
-            is held; its errors end the link.
+        repair: the session's in-place repair, called with the drift; its errors end the
+            link.
+
+    The session calls ``check`` and ``confirm`` from one task, one after the other, so that a
+    token refresh's reading never runs beside a check: it could see COD still off during a
+    repair, call it a second drift, and start a second repair.
     """
 
     def __init__(self, configured: str, interval: float, *, emit: Emit, repair: Repair) -> None:
@@ -107,14 +109,14 @@ class CodGuard:
         self._interval = interval
         self._emit = emit
         self._repair = repair
-        # One reading or repair at a time: a token refresh's reading that ran beside a repair
-        # could see COD still off, call it a second drift and start a second repair, whose
-        # READY could come while the first one is still enabling.
-        self._lock = trio.Lock()
 
-    async def keep_checking(self, rpc: RpcConnection) -> None:
-        """Every ``interval`` seconds, read each guarded scope and repair a drift; forever,
-        until cancelled (the first reading comes one interval after READY).
+    @property
+    def interval(self) -> float:
+        """Seconds from the end of one check to the next (the first one after READY)."""
+        return self._interval
+
+    async def check(self, rpc: RpcConnection) -> None:
+        """Read each guarded scope and repair a drift: one periodic check.
 
         A refused reading (13028 or any other error answer but a rate limit) is logged as
         ``session.cod_check_failed`` and tried again at the next interval: dropping the link
@@ -124,12 +126,9 @@ class CodGuard:
         link whose silence watchdog says it is alive must not end it (its COD would cancel the
         whole book); a dead link is the watchdog's to find.
         """
-        while True:
-            await trio.sleep(self._interval)
-            async with self._lock:
-                drift = await self._read_or_warn(rpc, self.scopes, during="check")
-                if drift is not None:
-                    await self._report_and_repair(rpc, drift, during="check")
+        drift = await self._read_or_warn(rpc, self.scopes, during="check")
+        if drift is not None:
+            await self._report_and_repair(rpc, drift, during="check")
 
     async def confirm(self, rpc: RpcConnection, *, during: str) -> None:
         """Read the connection's COD once more (after a token refresh) and repair a drift.
@@ -140,10 +139,9 @@ class CodGuard:
         Raises:
             RpcError, SessionLost: the reading failed, or the repair did.
         """
-        async with self._lock:
-            drift = await find_drift(rpc, (CONNECTION,))
-            if drift is not None:
-                await self._report_and_repair(rpc, drift, during=during)
+        drift = await find_drift(rpc, (CONNECTION,))
+        if drift is not None:
+            await self._report_and_repair(rpc, drift, during=during)
 
     async def before_reenabling(self, rpc: RpcConnection) -> None:
         """At a reconnect, read the account setting before it is enabled again, and report it

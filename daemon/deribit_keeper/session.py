@@ -19,10 +19,9 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from enum import Enum
-from functools import partial
 from typing import Any, Final
 
 import trio
@@ -161,6 +160,7 @@ class Session:
             repair=self._repair_cod,
         )
         self._repairing = False  # a ready link is out of READY while COD is turned on again
+        self._upkeep: trio.CancelScope | None = None  # the ready link's refreshes and checks
 
     def __repr__(self) -> str:
         return f"<Session {self.account.name} {self.state.value}>"
@@ -284,6 +284,8 @@ class Session:
         self._stop_requested.set()
         if self.state is not SessionState.READY and not self._repairing:
             self._scope.cancel()
+        elif self._upkeep is not None:
+            self._upkeep.cancel()  # a refresh or a COD repair must not race the logout
 
     async def run(self) -> None:
         """Connect, stay ready, and reconnect after every loss, until ``stop()`` or cancellation."""
@@ -375,15 +377,17 @@ class Session:
 
     async def _serve(self, rpc: RpcConnection, token: auth.Token) -> None:
         """Stay READY until ``stop()``; raise ``DeadLink`` if Deribit falls silent."""
-        assert self._tasks is not None
-        upkeep = [
-            self._start_cancellable(partial(self._keep_token_fresh, rpc, token)),
-            self._start_cancellable(partial(self._cod_guard.keep_checking, rpc)),
-        ]
-        with rpc.silence_watchdog(silence_limit(self.account.heartbeat_interval)) as watchdog:
-            await self._stop_requested.wait()
-        for scope in upkeep:
-            scope.cancel()  # a refresh or a COD repair must not race the logout
+        self._upkeep = upkeep = trio.CancelScope()
+        if self._stop_requested.is_set():
+            upkeep.cancel()
+        try:
+            with (
+                rpc.silence_watchdog(silence_limit(self.account.heartbeat_interval)) as watchdog,
+                upkeep,
+            ):
+                await self._keep_up(rpc, token)
+        finally:
+            self._upkeep = None
         if watchdog.cancelled_caught:
             raise DeadLink(trio.current_time() - rpc.last_inbound)
         self._enter(SessionState.STOPPING, on_shutdown=self._shutdown_mode)
@@ -449,7 +453,24 @@ class Session:
             latency_ms=round((trio.current_time() - asked) * 1000, 3),
         )
 
-    async def _keep_token_fresh(self, rpc: RpcConnection, token: auth.Token) -> None:
+    async def _keep_up(self, rpc: RpcConnection, token: auth.Token) -> None:
+        """Refresh the token when due and check COD every ``cod_check_interval``, until
+        cancelled (``stop()``, or the silence watchdog).
+
+        Both in this one task, one after the other: a task each would cost memory on every
+        session for two sleeps, and the guard relies on a refresh's reading never running
+        beside a check. The next check is due one interval after the last one ended.
+        """
+        next_check = trio.current_time() + self._cod_guard.interval
+        while True:
+            await trio.sleep_until(min(token.refresh_at, next_check))
+            if trio.current_time() >= token.refresh_at:
+                token = await self._refresh_token(rpc, token)
+            if trio.current_time() >= next_check:
+                await self._cod_guard.check(rpc)
+                next_check = trio.current_time() + self._cod_guard.interval
+
+    async def _refresh_token(self, rpc: RpcConnection, token: auth.Token) -> auth.Token:
         """Refresh the connection's auth before the token runs out, then re-confirm COD.
 
         A refused refresh (13009: an expired or revoked refresh token) falls back to a full
@@ -457,42 +478,24 @@ class Session:
         the orders it protects, for nothing. COD found off then is a drift, repaired in place
         as the guard repairs one; any error of the reading ends the link, as before the guard.
         """
-        while True:
-            await trio.sleep_until(token.refresh_at)
-            grant = "refresh_token"
-            try:
-                token = await auth.refresh(rpc, token)
-            except RpcError as refused:
-                if refused.code != ErrorCode.UNAUTHORIZED:
-                    raise  # a rate limit or an outage: a fresh auth now would fare no better
-                self._emit(logging.WARNING, events.SESSION_TOKEN_REFRESH_REFUSED, code=refused.code)
-                token = await auth.authenticate(rpc, self.account, wall_clock=self._wall_clock)
-                grant = auth.GRANT_OF[self.account.auth]
-            await self._cod_guard.confirm(rpc, during="token_refresh")
-            self.cod_confirmed_at = self._wall_clock()
-            self._emit(
-                logging.INFO,
-                events.SESSION_TOKEN_REFRESHED,
-                grant=grant,
-                expires_in=token.expires_in,
-            )
-
-    def _start_cancellable(self, work: Callable[[], Awaitable[None]]) -> trio.CancelScope:
-        """Start ``work`` among the link's tasks, inside a scope the caller can cancel alone.
-
-        A scope of its own rather than a nursery of its own: what ``work`` raises then reaches
-        the link's nursery as directly as before, so the first failure still speaks for the
-        link (a rate limit answered just before Deribit closes stays a rate limit).
-        """
-        assert self._tasks is not None
-        scope = trio.CancelScope()
-
-        async def within() -> None:
-            with scope:
-                await work()
-
-        self._tasks.start_soon(within)
-        return scope
+        grant = "refresh_token"
+        try:
+            token = await auth.refresh(rpc, token)
+        except RpcError as refused:
+            if refused.code != ErrorCode.UNAUTHORIZED:
+                raise  # a rate limit or an outage: a fresh auth now would fare no better
+            self._emit(logging.WARNING, events.SESSION_TOKEN_REFRESH_REFUSED, code=refused.code)
+            token = await auth.authenticate(rpc, self.account, wall_clock=self._wall_clock)
+            grant = auth.GRANT_OF[self.account.auth]
+        await self._cod_guard.confirm(rpc, during="token_refresh")
+        self.cod_confirmed_at = self._wall_clock()
+        self._emit(
+            logging.INFO,
+            events.SESSION_TOKEN_REFRESHED,
+            grant=grant,
+            expires_in=token.expires_in,
+        )
+        return token
 
     async def _repair_cod(self, rpc: RpcConnection, drift: Drift) -> None:
         """Leave READY, turn COD on again and have it confirmed, then enter READY again.
