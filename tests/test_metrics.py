@@ -124,6 +124,8 @@ async def test_a_lifecycle_shows_in_every_family(
         assert answered >= 6
         assert value(got, "test_requests_answered_total", account=name) == answered
         assert value(got, "token_refreshes_total", account=name) == 1
+        assert value(got, "token_refresh_failures_total", account=name) == 0
+        assert value(got, "heartbeat_interval_seconds", account=name) == 10
         silence = value(got, "inbound_silence_seconds", account=name)
         assert silence is not None and 0 <= silence < 15
     assert value(got, "reconnects_total", account="main", reason=reason) == 1
@@ -133,6 +135,25 @@ async def test_a_lifecycle_shows_in_every_family(
     # Three authentications and two refreshes, which are public/auth calls too.
     assert value(got, "request_duration_seconds_count", method="public/auth") == 5
     assert value(got, "build_info", version=__version__) == 1
+
+
+async def test_refused_and_failed_token_refreshes_are_counted(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """A refused refresh counts one failure (a fresh auth follows, on the same link); one left
+    unanswered counts another and ends the link. Alerts page on this counter."""
+    sim = Simulator(list(SIM_ACCOUNTS), token_ttl_s=60)
+    await nursery.start(sim.serve, 0)
+    keeper = start_keeper(nursery, sim, "main")
+    main = keeper.sessions["main"]
+    await keeper.changes.until(keeper.all_ready)
+    sim.fail_next("public/auth", 13009)
+    await trio.sleep(50)  # the refresh at 48 s: refused, then a fresh auth
+    assert value(scrape(keeper.metrics), "token_refresh_failures_total", account="main") == 1
+    assert main.reconnects == 0
+    sim.delay_next("public/auth", 60)
+    await keeper.changes.until(lambda: main.reconnects == 1)
+    assert value(scrape(keeper.metrics), "token_refresh_failures_total", account="main") == 2
 
 
 async def test_state_gauges_follow_a_lost_link(

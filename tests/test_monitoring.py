@@ -4,8 +4,7 @@ promtool (Debian's ``prometheus`` package, which .ci/run installs) checks the ru
 unit tests on synthetic series and parses every dashboard query; without it those tests skip
 and say so. Every metric name the rules and the dashboard use must be one a running keeper
 serves on /metrics, with a gateway, a relayed order, local COD and a reconnect behind it so
-that the series carrying labels exist. Metrics the rules need that the keeper does not export
-yet are listed in ``PENDING``, each with a strict xfail that passes once it is exported.
+that the series carrying labels exist.
 """
 
 from __future__ import annotations
@@ -46,17 +45,6 @@ needs_promtool = pytest.mark.skipif(
 )
 
 # Metrics the rules are written against that the keeper does not export yet: what each must be.
-PENDING = {
-    "deribit_keeper_heartbeat_interval_seconds": (
-        "gauge {account}: the account's configured heartbeat_interval, set when the session is "
-        "tracked, removed with it; DeribitKeeperInboundSilence compares the silence with it"
-    ),
-    "deribit_keeper_token_refresh_failures_total": (
-        "counter {account}: 0 from the start; +1 for each token refresh on a live link that "
-        "does not renew with refresh_token (refused: session.token_refresh_refused; or failed "
-        "otherwise, ending the link); DeribitKeeperTokenRefreshFailing"
-    ),
-}
 # Series Prometheus makes itself, not the keeper.
 PROMETHEUS_OWN = {"up"}
 # The alerts the issue asks for, by what they watch.
@@ -190,15 +178,6 @@ def test_promtool_unit_tests_of_the_rules_pass() -> None:
     assert "SUCCESS" in result.stdout
 
 
-def test_pending_metrics_are_the_ones_the_rules_wait_for() -> None:
-    """Each metric in PENDING is used by a rule (else the entry is stale), and by no dashboard
-    query: the dashboard uses only what the keeper exports today."""
-    by_rules = set().union(*(metric_names(rule["expr"]) for rule in rules()))
-    by_dashboard = set().union(*(metric_names(q) for q in dashboard_queries()))
-    assert set(PENDING) <= by_rules
-    assert not set(PENDING) & by_dashboard
-
-
 def test_metric_names_are_read_from_promql() -> None:
     """The name extraction the exported-name tests rely on sees through PromQL's syntax."""
     expr = (
@@ -302,13 +281,12 @@ async def test_every_metric_the_rules_use_is_exported(
     sim: Simulator,
     log_lines: LogLines,
 ) -> None:
-    """Each rule selects only series a running keeper serves (or Prometheus's own ``up``),
-    the metrics in PENDING aside."""
+    """Each rule selects only series a running keeper serves (or Prometheus's own ``up``)."""
     exported = await exported_names(nursery, sim, log_lines)
     unknown = {
         rule["alert"]: used
         for rule in rules()
-        if (used := metric_names(rule["expr"]) - exported - PROMETHEUS_OWN - set(PENDING))
+        if (used := metric_names(rule["expr"]) - exported - PROMETHEUS_OWN)
     }
     assert not unknown
     assert all(metric_names(rule["expr"]) for rule in rules())
@@ -326,22 +304,3 @@ async def test_every_metric_the_dashboard_uses_is_exported(
     assert all(used.values())
     unknown = {q: names - exported for q, names in used.items() if names - exported}
     assert not unknown
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=f"{name} not exported yet"))
-        for name in PENDING
-    ],
-)
-async def test_pending_metric_is_exported(
-    autojump_clock: trio.testing.MockClock,
-    nursery: trio.Nursery,
-    sim: Simulator,
-    log_lines: LogLines,
-    name: str,
-) -> None:
-    """A metric a rule waits for (PENDING says what it is) is served; once it is, this test
-    passes as an XPASS, which strict xfail reports: drop its PENDING entry then."""
-    assert name in await exported_names(nursery, sim, log_lines), PENDING[name]

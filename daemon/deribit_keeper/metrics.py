@@ -121,6 +121,18 @@ def _account_families() -> tuple[GaugeMetricFamily | CounterMetricFamily, ...]:
             "Access tokens renewed on a live link (refresh_token, or a fresh auth if refused)",
             labels=["account"],
         ),
+        CounterMetricFamily(
+            "deribit_keeper_token_refresh_failures",
+            "Token refreshes on a live link that did not renew with refresh_token: refused "
+            "(a fresh auth follows), or failed and ended the link",
+            labels=["account"],
+        ),
+        GaugeMetricFamily(
+            "deribit_keeper_heartbeat_interval_seconds",
+            "The account's configured heartbeat_interval: Deribit's test_request period, and "
+            "the scale of the dead-link rule",
+            labels=["account"],
+        ),
         GaugeMetricFamily(SILENCE_NAME, SILENCE_HELP, labels=["account"]),
     )
 
@@ -138,7 +150,10 @@ class _AccountsCollector(Collector):
         yield from _account_families()
 
     def collect(self) -> Iterator[Metric]:
-        ready, state, cod, reconnects, tests, drift, refreshes, silence = _account_families()
+        families = _account_families()
+        ready, state, cod, reconnects, tests, drift, refreshes, failures, interval, silence = (
+            families
+        )
         # Only a live link needs the clock (and a Trio loop: a scrape may come from outside).
         now = trio.current_time() if any(t.session.rpc for t in self._tallies.values()) else 0.0
         for name, tally in self._tallies.items():
@@ -154,9 +169,11 @@ class _AccountsCollector(Collector):
             for scope, count in tally.cod_drift.items():
                 drift.add_metric([name, scope], count)
             refreshes.add_metric([name], tally.refreshes)
+            failures.add_metric([name], session.token_refresh_failures)
+            interval.add_metric([name], session.account.heartbeat_interval)
             if session.rpc is not None:
                 silence.add_metric([name], max(0.0, now - session.rpc.last_inbound))
-        yield from (ready, state, cod, reconnects, tests, drift, refreshes, silence)
+        yield from families
 
 
 class _WithoutCreated(Collector):

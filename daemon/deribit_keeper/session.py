@@ -137,6 +137,7 @@ class Session:
         self.reconnects = 0
         self.last_error: tuple[str, float] | None = None  # (reason, wall clock)
         self.test_requests_answered = 0
+        self.token_refresh_failures = 0  # refused, or failed and ending the link
         self.rpc: RpcConnection | None = None
         self._log = get_logger(account=account.name)
         self._rng = rng if rng is not None else random.Random()
@@ -482,11 +483,19 @@ class Session:
         try:
             token = await auth.refresh(rpc, token)
         except RpcError as refused:
+            self.token_refresh_failures += 1
             if refused.code != ErrorCode.UNAUTHORIZED:
                 raise  # a rate limit or an outage: a fresh auth now would fare no better
             self._emit(logging.WARNING, events.SESSION_TOKEN_REFRESH_REFUSED, code=refused.code)
-            token = await auth.authenticate(rpc, self.account, wall_clock=self._wall_clock)
+            try:
+                token = await auth.authenticate(rpc, self.account, wall_clock=self._wall_clock)
+            except SessionLost:
+                self.token_refresh_failures += 1
+                raise
             grant = auth.GRANT_OF[self.account.auth]
+        except SessionLost:
+            self.token_refresh_failures += 1  # no answer, or the link ended meanwhile
+            raise
         await self._cod_guard.confirm(rpc, during="token_refresh")
         self.cod_confirmed_at = self._wall_clock()
         self._emit(
