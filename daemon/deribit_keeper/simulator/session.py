@@ -206,7 +206,8 @@ class Dispatcher:
             enabled = call.connection().cod_enabled
         if self._faults.take_misreport():
             enabled = False
-            self._faults.note(call.now, "misreport cod", None if call.conn is None else call.conn.id)
+            conn_id = None if call.conn is None else call.conn.id
+            self._faults.note(call.now, "misreport cod", conn_id)
         return Reply({"scope": scope, "enabled": enabled})
 
     def _logout(self, call: Call) -> Reply:
