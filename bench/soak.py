@@ -185,7 +185,7 @@ async def soak(args: argparse.Namespace, plan: Plan, child: subprocess.Popen[str
             flush=True,
         )
         async with trio.open_nursery() as nursery:
-            world = World(plan, sims, nursery, print)
+            world = World(plan, sims, nursery)
             nursery.start_soon(_every_minute, world)
             with trio.fail_after(args.minutes * 60 * 3 + 300):
                 await world.start()

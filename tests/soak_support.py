@@ -9,7 +9,8 @@ Keeper holding every account with a gateway each, and a few local engines per ga
 runs in **rounds**: faults are injected in the first part of a round (at most one upstream
 fault per account and one local fault per engine), then the world settles (every fault
 noticed, every account ready again, every engine reconnected), then the engines pause and
-everything is measured against the baseline of the first round. The invariants:
+everything is measured against the baseline of the first round. A round's faults are drawn
+from the seed and the round's number alone, so a seed replays the same run. The invariants:
 
 (a) readiness: every ``session.ready``, and every sample of ``Session.ready``, ``/status``
     (``snapshot``), the sd_notify STATUS line and ``/readyz``, is checked against the
@@ -20,13 +21,16 @@ everything is measured against the baseline of the first round. The invariants:
     injection for faults that act at once), with the expected reason and severity;
 (c) orders: no open order on a simulator connection that ended with COD on; every order was
     made on a connection with COD on; a local link with local COD on that dies has its orders
-    cancelled within 1 s of the gateway noticing;
+    cancelled within 1 s of the gateway noticing (or, when the upstream link had died unnoticed
+    and swallowed those cancels, by Deribit's COD once the keeper notices);
 (d) backoff: each ``session.retry`` delay inside the policy's bounds for its severity, the
     attempt count as the policy says, the next attempt no sooner than the delay, and no more
     attempts than the faults explain;
 (e) leaks: at every check the Trio tasks (per account, by walking the task tree), open file
     descriptors, and the per-account tables (gateway links, their subscriptions and order
-    books, upstream channels, HTTP order books, requests in flight) are back to baseline;
+    books, upstream channels, HTTP order books, requests in flight) are back to baseline, and
+    every three simulated hours a census of the keeper's live objects (sessions, links, RPC
+    connections, sockets: what holds an account's memory) after a full collection;
 (f) routing: every answer an engine gets answers an id it sent (ids are unique over the whole
     world), once, with its own order in it; every notification is on a channel it holds, and
     every order notification is its own account's.
@@ -132,15 +136,18 @@ class Plan:
 
 
 def account_name(index: int) -> str:
+    """The name of account ``index``: also the first part of every label its engines use."""
     return f"acct{index:02d}"
 
 
 def sim_account(index: int) -> SimAccount:
+    """Account ``index`` as its simulator knows it; the secret is easy to grep for in any output."""
     name = account_name(index)
     return SimAccount(name, f"{name}-id", f"{name}-SECRET-do-not-log")
 
 
 def engine(index: int, slot: int) -> LocalClient:
+    """The local credential of the engine in ``slot`` of account ``index``: never Deribit's."""
     return LocalClient(f"engine{slot}", Secret(f"{account_name(index)}-engine{slot}-SECRET"))
 
 
@@ -349,6 +356,8 @@ class ConnView:
 
 @dataclass(frozen=True)
 class OrderView:
+    """One order as Deribit shows it, with the id of the connection that made it."""
+
     order_id: str
     label: str
     open: bool
@@ -357,6 +366,8 @@ class OrderView:
 
 @dataclass(frozen=True)
 class SimView:
+    """One simulator's connections, the faults it noted, and its account's orders."""
+
     conns: tuple[ConnView, ...]
     triggered: tuple[tuple[float, str, int | None], ...]
     orders: tuple[OrderView, ...]
@@ -444,8 +455,8 @@ async def apply_ops(sim: Simulator, ops: Sequence[Op], target: int | None) -> fl
     return at
 
 
-def sim_view(sim: Simulator, client_id: str, *, shift: float = 0.0) -> SimView:
-    """What the invariants read of ``sim``; times moved by ``shift`` (another process's)."""
+def sim_view(sim: Simulator, client_id: str) -> SimView:
+    """What the invariants read of ``sim`` (Trio times of the run it is in)."""
     conns = tuple(
         ConnView(
             c.id,
@@ -455,12 +466,12 @@ def sim_view(sim: Simulator, client_id: str, *, shift: float = 0.0) -> SimView:
             c.cod_fired,
             c.logged_out,
             c.heartbeat_interval is not None,
-            c.opened_at + shift,
-            None if c.closed_at is None else c.closed_at + shift,
+            c.opened_at,
+            c.closed_at,
         )
         for c in sim.connections
     )
-    triggered = tuple((t.at + shift, t.fault, t.conn) for t in sim.triggered)
+    triggered = tuple((t.at, t.fault, t.conn) for t in sim.triggered)
     orders = tuple(
         OrderView(o["order_id"], o["label"], o["order_state"] in ("open", "untriggered"), conn)
         for conn, o in sim.orders_by_connection(client_id)
@@ -469,6 +480,7 @@ def sim_view(sim: Simulator, client_id: str, *, shift: float = 0.0) -> SimView:
 
 
 def view_to_json(view: SimView) -> dict[str, Any]:
+    """A SimView as JSON, for the bench's simulators in another process."""
     return dataclasses.asdict(view)
 
 
@@ -515,6 +527,7 @@ def in_flight(session: Session) -> int:
 
 
 def tokens_held(gateway: Gateway) -> int:
+    """How many local tokens the gateway remembers (bounded by MAX_TOKENS by design)."""
     found = re.search(r"tokens=(\d+)", repr(gateway.auth))
     return int(found.group(1)) if found else 0
 
@@ -605,6 +618,8 @@ def next_id() -> int | str:
 
 @dataclass
 class Sent:
+    """One request an engine sent, and its answer once it came."""
+
     method: str
     params: dict[str, Any]
     answer: dict[str, Any] | None = None
@@ -656,6 +671,8 @@ class EngineLink:
                 sent.done.set()
 
     def _check(self, frame: dict[str, Any]) -> None:
+        """(f) for one frame: an answer to an id this link sent, once; a notification on a channel
+        it holds, of its own account."""
         if "id" in frame:
             sent = self.sent.get(frame["id"]) if isinstance(frame["id"], int | str) else None
             if sent is None:
@@ -694,6 +711,7 @@ class EngineLink:
                 self.orders.pop(str(data.get("order_id")), None)
 
     def _check_answer(self, sent: Sent, frame: dict[str, Any]) -> None:
+        """(f) the answer's content is this request's: the order it placed, edited or cancelled."""
         result = frame.get("result")
         if result is None:
             return  # an error: Deribit's (relayed) or the gateway's 13028; nothing to match
@@ -727,6 +745,7 @@ class EngineLink:
             self.channels -= set(result)
 
     async def send(self, method: str, params: dict[str, Any]) -> Sent:
+        """Send a request under a soak-wide unique id (left unanswered on a closed link)."""
         request_id = next_id()
         sent = self.sent[request_id] = Sent(method, params)
         frame = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
@@ -875,6 +894,7 @@ class Slot:
         return self.world.keeper.gateways.get(account_name(self.account))
 
     async def run(self) -> None:
+        """Connect, live, and come back after every end, as an engine's reconnect loop does."""
         while True:
             gateway = self.gateway
             if gateway is None or gateway.port is None:
@@ -936,6 +956,7 @@ class Gate:
         return _Busy(self)
 
     async def pause(self) -> None:
+        """Stop engines from starting a step; return once none is in the middle of one."""
         self._open = trio.Event()
         while self._busy:
             self._idle = trio.Event()
@@ -1104,6 +1125,8 @@ class Monitor:
 
 @dataclass
 class PendingLocal:
+    """A local fault made, waiting for the gateway to notice it."""
+
     link: EngineLink
     kind: LocalKind
     at: float
@@ -1118,9 +1141,8 @@ class World:
         plan: Plan,
         sims: Sequence[SimHandle],
         nursery: trio.Nursery,
-        say: Callable[[str], None],
     ) -> None:
-        self.plan, self.sims, self.nursery, self.say = plan, list(sims), nursery, say
+        self.plan, self.sims, self.nursery = plan, list(sims), nursery
         self.keeper = Keeper(
             keeper_config(plan, [s.url for s in sims]), rng=random.Random(plan.seed)
         )
@@ -1137,6 +1159,8 @@ class World:
         self.nursery.start_soon(fn, *args)
 
     async def start(self) -> None:
+        """Start the keeper and the engines; return once every account is ready and every engine set
+        up."""
         await self.nursery.start(partial(self.keeper.run, handle_signals=False))
         self.monitor.watch(self.keeper)
         for slot in self.slots:
@@ -1249,6 +1273,8 @@ class World:
                 break
 
     async def round(self, number: int) -> None:
+        """Inject this round's faults (drawn from the seed and the round alone, so they replay),
+        then settle."""
         rng = random.Random(f"{self.plan.seed}:round:{number}")
         names = list(self.catalogue)
         # A local link must not die while its account repairs COD: local COD then cancels
@@ -1271,6 +1297,7 @@ class World:
         await self._until(self._settled, self.plan.settle_s, f"round {number}")
 
     async def _upstream(self, index: int, fault: UpstreamFault, delay: float) -> None:
+        """Make one upstream fault on a ready account, wait for its outcome, and judge it (b)."""
         await trio.sleep(delay)
         name = account_name(index)
         session = self.keeper.sessions[name]
@@ -1356,6 +1383,8 @@ class World:
                 )
 
     async def _local(self, slot: Slot, kind: LocalKind, delay: float) -> None:
+        """Make one local fault on a set-up engine; ``link_ended`` judges it when the gateway
+        notices."""
         await trio.sleep(delay)
         link = slot.link
         name = account_name(slot.account)
@@ -1411,6 +1440,7 @@ class World:
         log.ready_reports.clear()
 
     def _check_cod(self, views: Sequence[SimView]) -> None:
+        """(a) at rest: each account's link is open with COD and heartbeats on, and its only one."""
         for index, view in enumerate(views):
             name = account_name(index)
             self._check_reports(name, view)
@@ -1424,6 +1454,8 @@ class World:
                 self.monitor.violation("e", f"{name}: other links open on Deribit: {others}")
 
     def _check_orders(self, views: Sequence[SimView]) -> None:
+        """(c) no order made without COD, none open on a connection whose COD fired, none left by a
+        local link whose local COD fired."""
         for index, view in enumerate(views):
             conns = {c.id: c for c in view.conns}
             for order in view.orders:
@@ -1441,6 +1473,8 @@ class World:
             del index
 
     def _check_tables(self, views: Sequence[SimView]) -> None:
+        """(e) the gateway's tables hold exactly what the live engines hold: links, channels, order
+        books, nothing in flight."""
         for index, view in enumerate(views):
             name = account_name(index)
             gateway = self.keeper.gateways[name]
@@ -1489,6 +1523,7 @@ class World:
                 self.monitor.violation("e", f"{name}: {tokens_held(gateway)} tokens held")
 
     def _check_storm(self) -> None:
+        """(d) no more connection attempts than the faults explain (one per loss they cause)."""
         for name, log in self.monitor.accounts.items():
             attempts = len(log.attempts)
             if attempts > self.expected_attempts[name]:
@@ -1500,6 +1535,8 @@ class World:
                 self.expected_attempts[name] = attempts  # report each excess once
 
     async def _check_readyz(self) -> None:
+        """(a) /readyz at rest says every account is ready; each is checked for COD like every other
+        report."""
         port = self.keeper.http_port
         if port is None:
             return
@@ -1513,6 +1550,8 @@ class World:
                 )
 
     def _check_leaks(self, number: int) -> None:
+        """(e) tasks per account, file descriptors and the census against the first check's
+        baseline."""
         measures: dict[str, int] = dict(task_groups())
         if number % CENSUS_EVERY == 0 or number == self.plan.rounds:
             measures.update(census())
@@ -1548,6 +1587,8 @@ class World:
         )
 
     def summary(self) -> str:
+        """Faults per kind, detections and the worst per hop and kind, attempts, leaks: printed by
+        the soak."""
         m = self.monitor
         lines = [
             f"soak seed={self.plan.seed} hours={self.plan.hours:g} accounts={self.plan.accounts} "

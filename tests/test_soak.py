@@ -176,7 +176,7 @@ async def test_a_day_of_faults_breaks_no_promise(
         sim = Simulator([account], token_ttl_s=plan.token_ttl)
         await nursery.start(sim.serve, 0, name=f"sim:{account.name}")
         sims.append(LocalSim(sim, account.client_id))
-    world = World(plan, sims, nursery, print)
+    world = World(plan, sims, nursery)
     with trio.fail_after(plan.hours * 3600 * 2 + 3600):
         await world.start()
         await world.run()
@@ -237,7 +237,7 @@ async def test_a_local_link_that_dies_during_a_cod_repair_has_its_orders_cancell
 async def test_every_check_reports_the_break_it_guards_against(nursery: trio.Nursery) -> None:
     """Each invariant, planted broken, is reported under its letter: a quiet soak means the
     promises held, not that nothing was looked at."""
-    world = World(Plan(seed=1, accounts=0), [], nursery, print)
+    world = World(Plan(seed=1, accounts=0), [], nursery)
     monitor, now = world.monitor, trio.current_time()
     link = EngineLink(world, 0, 0, 1, cast(Any, None), cast(Any, None), port=40000)
     dead = ConnView(1, 40000, False, True, True, False, True, now - 9, now - 1)
