@@ -203,7 +203,7 @@ async def _error_without_id(sim: Simulator, conn: SimConnection) -> None:
     )
 
 
-async def _heartbeats_stop(sim: Simulator, conn: SimConnection) -> None:
+def _heartbeats_stop(sim: Simulator, conn: SimConnection) -> None:
     sim.suppress_test_requests(conn)
 
 
@@ -213,7 +213,6 @@ async def _heartbeats_stop(sim: Simulator, conn: SimConnection) -> None:
         (_drop_clean, "closed_by_server"),
         (_drop_abrupt, "connection_dropped"),
         (_silence, "heartbeat_silence"),
-        (_heartbeats_stop, "heartbeat_silence"),
         (_garbage, "malformed_frame"),
         (_error_without_id, "request_rejected"),
     ],
@@ -242,13 +241,37 @@ async def test_a_broken_ready_link_is_noticed_and_rebuilt(
     assert len(retry) == 1 and retry[0]["attempt"] == 1 and retry[0]["delay_s"] <= 0.5
 
 
+async def test_heartbeats_that_stop_on_a_live_link_are_set_again_on_that_link(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+) -> None:
+    """Quiet for 1.1 intervals, the link is probed; it answers, so it is kept (a reconnect
+    would fire COD) and asked for heartbeats again, with a warning: without them Deribit would
+    not notice the link die."""
+    session = start(nursery, sim)
+    await until_state(session, SessionState.READY)
+    conn = sim.connections[0]
+    _heartbeats_stop(sim, conn)
+    assert session.rpc is not None
+    await trio.sleep(60)
+    assert conn.open and len(sim.connections) == 1
+    assert not log_lines.events("session.lost")
+    restarted = log_lines.events("session.heartbeat_restarted")
+    assert restarted and all(11 <= e["quiet_s"] < 12 for e in restarted)
+    assert conn.methods().count("public/set_heartbeat") == 1 + len(restarted)
+    assert session.state is SessionState.READY
+
+
 async def test_a_silent_link_is_declared_dead_after_interval_plus_grace(
     autojump_clock: trio.testing.MockClock,
     nursery: trio.Nursery,
     sim: Simulator,
     log_lines: LogLines,
 ) -> None:
-    """Silence is noticed 1.5 heartbeat intervals after the last frame and the TCP is aborted."""
+    """Silence is noticed 1.2 heartbeat intervals after the last frame (a probe sent at 1.1
+    goes unanswered) and the TCP is aborted."""
     session = start(nursery, sim, heartbeat_interval=20)
     await until_state(session, SessionState.READY)
     await trio.sleep(35)  # a few heartbeats in

@@ -35,6 +35,7 @@ SESSION_UNEXPECTED_ERROR: Final = "session.unexpected_error"
 SESSION_OBSERVER_FAILED: Final = "session.observer_failed"
 SESSION_LOGOUT_FAILED: Final = "session.logout_failed"
 SESSION_TEST_REQUEST_REFUSED: Final = "session.test_request_refused"
+SESSION_HEARTBEAT_RESTARTED: Final = "session.heartbeat_restarted"  # heartbeats stopped; set again
 SESSION_COD_DRIFT: Final = "session.cod_drift"  # COD found off behind the keeper's back
 SESSION_COD_CHECK_FAILED: Final = "session.cod_check_failed"
 SESSION_START_CANCEL_ALL: Final = "session.start_cancel_all"  # on_start: cancel_all, with the count

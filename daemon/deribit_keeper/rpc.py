@@ -128,8 +128,7 @@ class RpcConnection:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self.last_inbound = trio.current_time()
-        self._watchdog: trio.CancelScope | None = None
-        self._watchdog_limit = 0.0
+        self._watchdogs: list[tuple[trio.CancelScope, float]] = []  # (scope, silence limit)
         self._closing = False  # we started the end of this link: a close is expected, not a loss
         self._rate_limited = False  # an answer said 10028: Deribit is about to close the link
         self._spoiled: SessionLost | None = None  # a bad frame came while we were closing
@@ -242,12 +241,13 @@ class RpcConnection:
         ``scope.cancelled_caught`` afterwards to tell silence from a normal exit.
         """
         scope = trio.CancelScope(deadline=self.last_inbound + limit)
-        self._watchdog, self._watchdog_limit = scope, limit
+        watched = (scope, limit)
+        self._watchdogs.append(watched)  # several may nest: a quiet one inside a dead one
         try:
             with scope:
                 yield scope
         finally:
-            self._watchdog = None
+            self._watchdogs.remove(watched)
 
     async def _send(self, message: dict[str, Any]) -> None:
         """Send one frame, as ASCII: anything else is escaped (``\\u00e9``), so no string a
@@ -305,8 +305,8 @@ class RpcConnection:
     def _dispatch(self, frame: str | bytes) -> None:
         """Route one frame: an answer to its request, a notification to the caller."""
         now = self.last_inbound = trio.current_time()
-        if self._watchdog is not None:
-            self._watchdog.deadline = now + self._watchdog_limit
+        for scope, limit in self._watchdogs:
+            scope.deadline = now + limit
         try:
             message = json.loads(frame)
         except (ValueError, RecursionError):  # RecursionError: nested deeper than Python goes

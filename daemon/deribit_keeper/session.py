@@ -43,14 +43,25 @@ CLIENT_NAME: Final = "deribit-keeper"
 LOGOUT_TIMEOUT_S: Final = 3.0  # private/logout has no answer; wait this long for Deribit's close
 
 
-def silence_limit(heartbeat_interval: float) -> float:
-    """How long a READY link may stay silent before it counts as dead.
+def quiet_limit(heartbeat_interval: float) -> float:
+    """How long a READY link may stay silent before the keeper asks whether it is alive.
 
     Deribit sends a test_request every heartbeat interval, so a healthy link is never silent for
-    longer than that. Half an interval more (at least 5 s, as the interval is at least 10 s)
-    absorbs network jitter and a busy exchange; anything longer is a dead link.
+    longer than that; a tenth more absorbs a late heartbeat, so that a healthy link is hardly
+    ever probed. Then a ``public/test`` goes out, which a live link answers.
     """
-    return heartbeat_interval * 1.5
+    return heartbeat_interval * 1.1
+
+
+def silence_limit(heartbeat_interval: float) -> float:
+    """How long a READY link may stay silent before it counts as dead: the probe sent at
+    ``quiet_limit`` has a tenth of an interval (1 s at the 10 s minimum) to be answered.
+
+    Waiting for the next heartbeat alone would find a link that died right after Deribit's
+    last answer only 1.5 intervals later; the probe finds it by 1.2, wherever the silence
+    starts.
+    """
+    return heartbeat_interval * 1.2
 
 
 def _number(seconds: float) -> int | float:
@@ -462,14 +473,38 @@ class Session:
         session for two sleeps, and the guard relies on a refresh's reading never running
         beside a check. The next check is due one interval after the last one ended.
         """
+        quiet = quiet_limit(self.account.heartbeat_interval)
         next_check = trio.current_time() + self._cod_guard.interval
         while True:
-            await trio.sleep_until(min(token.refresh_at, next_check))
+            with rpc.silence_watchdog(quiet) as quieted:
+                await trio.sleep_until(min(token.refresh_at, next_check))
+            if quieted.cancelled_caught:
+                await self._probe(rpc)
+                continue
             if trio.current_time() >= token.refresh_at:
                 token = await self._refresh_token(rpc, token)
             if trio.current_time() >= next_check:
                 await self._cod_guard.check(rpc)
                 next_check = trio.current_time() + self._cod_guard.interval
+
+    async def _probe(self, rpc: RpcConnection) -> None:
+        """Ask a quiet link whether it is alive (``public/test``); the silence watchdog
+        declares it dead if no answer comes before the silence limit.
+
+        An answer (an error too, but a rate limit) means the link lives but Deribit's
+        heartbeats stopped or came late, and without them Deribit would not notice this link
+        die: ``public/set_heartbeat`` again, on the same link (a reconnect would fire COD and
+        cancel the orders it protects), logged as a warning.
+        """
+        quiet_s = round(trio.current_time() - rpc.last_inbound, 3)
+        try:
+            await rpc.call("public/test")
+        except RpcError as refused:
+            if refused.code == ErrorCode.TOO_MANY_REQUESTS:
+                raise
+        interval = _number(self.account.heartbeat_interval)
+        await rpc.call("public/set_heartbeat", {"interval": interval})
+        self._emit(logging.WARNING, events.SESSION_HEARTBEAT_RESTARTED, quiet_s=quiet_s)
 
     async def _refresh_token(self, rpc: RpcConnection, token: auth.Token) -> auth.Token:
         """Refresh the connection's auth before the token runs out, then re-confirm COD.
