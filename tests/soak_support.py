@@ -1335,6 +1335,7 @@ class World:
             if not fault.losses:
                 await trio.sleep(self.plan.silence)
         after = await sim.view()
+        self._check_orders([after], local=False)
         self._judge(
             name,
             fault,
@@ -1453,24 +1454,28 @@ class World:
             if others:
                 self.monitor.violation("e", f"{name}: other links open on Deribit: {others}")
 
-    def _check_orders(self, views: Sequence[SimView]) -> None:
-        """(c) no order made without COD, none open on a connection whose COD fired, none left by a
-        local link whose local COD fired."""
-        for index, view in enumerate(views):
+    def _check_orders(self, views: Sequence[SimView], *, local: bool = True) -> None:
+        """(c) no order made without COD, none open on a connection whose COD fired (checked
+        after every upstream fault, and at every check), none left by a local link whose local
+        COD fired (at the checks: a link may have died less than its second ago otherwise)."""
+        for view in views:
             conns = {c.id: c for c in view.conns}
             for order in view.orders:
                 conn = conns.get(order.conn) if order.conn is not None else None
                 if conn is None or not conn.cod_enabled:
                     self.monitor.violation("c", f"order {order.label} made on a link without COD")
-                elif order.open and not conn.open and conn.cod_fired:
+                elif order.open and conn.cod_fired:
                     self.monitor.violation(
                         "c", f"order {order.label} outlived its dead link {conn.id}"
                     )
-                elif order.open and order.label.rsplit(".", 1)[0] + "." in self.dead_cod_links:
+                elif (
+                    local
+                    and order.open
+                    and order.label.rsplit(".", 1)[0] + "." in self.dead_cod_links
+                ):
                     self.monitor.violation(
                         "c", f"order {order.label} outlived its local link's COD"
                     )
-            del index
 
     def _check_tables(self, views: Sequence[SimView]) -> None:
         """(e) the gateway's tables hold exactly what the live engines hold: links, channels, order
