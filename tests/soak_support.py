@@ -211,6 +211,7 @@ class UpstreamFault:
     losses: tuple[Loss, ...]
     at_once: bool = False
     note: str | None = None
+    provoke: bool = False  # an engine places an order at once, to meet a fault armed on buy
 
 
 def upstream_faults(plan: Plan) -> dict[str, UpstreamFault]:
@@ -266,6 +267,21 @@ def upstream_faults(plan: Plan) -> dict[str, UpstreamFault]:
             (loss("rpc_error", AT_ONCE, "rate_limited"),),
         ),
         UpstreamFault("cod_drift", ({"op": "misreport_cod"},), (), note="session.cod_drift"),
+        # An engine's order in flight when the link breaks: a relayed request has no timeout of
+        # its own, so a silent link is the watchdog's to find (test_fault_matrix's rules).
+        UpstreamFault(
+            "buy_silence",
+            (_break("private/buy", "silence"),),
+            (Loss(frozenset({"heartbeat_silence", "request_timeout"}), "transient", silence),),
+            provoke=True,
+        ),
+        UpstreamFault("buy_rst", (_break("private/buy", "reset"),), (dropped,), provoke=True),
+        UpstreamFault(
+            "buy_10028",
+            (_fail("private/buy", 10028, close_after=True),),
+            (loss("closed_by_server", AT_ONCE, "rate_limited"),),
+            provoke=True,
+        ),
     ]
     # Faults that meet the reconnect: the link is reset first, then the next attempt breaks.
     then: list[tuple[str, Op, tuple[Loss, ...]]] = [
@@ -824,16 +840,7 @@ class EngineLink:
         mine = sorted(self.orders)
         placing = roll < 0.35 or (roll < 0.65 and not mine)
         if placing and len(mine) < 6:
-            side = "private/buy" if rng.random() < 0.7 else "private/sell"
-            base = 40000.0 if side == "private/buy" else 60000.0
-            label = f"{self.prefix}{next(self._labels)}"
-            params = {
-                "instrument_name": "BTC-PERPETUAL",
-                "amount": 10 * rng.randint(1, 5),
-                "price": base + 0.5 * rng.randint(0, 200),
-                "label": label,
-            }
-            await self.call(side, params)
+            await self.place(rng, "private/buy" if rng.random() < 0.7 else "private/sell")
         elif roll < 0.5 and not placing:
             order_id = rng.choice(mine)
             price = 40000.0 + 0.5 * rng.randint(0, 200)
@@ -855,6 +862,17 @@ class EngineLink:
                 await self.subscribe([rng.choice(CHANNELS)])
         else:
             await self.call("public/get_time")
+
+    async def place(self, rng: random.Random, side: str = "private/buy") -> None:
+        """A resting limit order (a buy under the book, a sell over it), labelled as its own."""
+        base = 40000.0 if side == "private/buy" else 60000.0
+        params = {
+            "instrument_name": "BTC-PERPETUAL",
+            "amount": 10 * rng.randint(1, 5),
+            "price": base + 0.5 * rng.randint(0, 200),
+            "label": f"{self.prefix}{next(self._labels)}",
+        }
+        await self.call(side, params)
 
     async def inflict(self, kind: LocalKind) -> None:
         """The local fault: the engine vanishes, closes, hangs, or logs out."""
@@ -1312,6 +1330,8 @@ class World:
             self.monitor.violation("a", f"{name} is ready, but Deribit has no record of its link")
             return
         at = await sim.apply(fault.ops, None if target is None else target.id)
+        if fault.provoke:
+            self._provoke(index)
         self.monitor.faults[f"upstream:{fault.name}"] += 1
         self.expected_attempts[name] += len(fault.losses)
         wanted = len(fault.losses)
@@ -1344,6 +1364,13 @@ class World:
             after.triggered[seen_before:],
             log.events[events_before:],
         )
+
+    def _provoke(self, index: int) -> None:
+        """Have one of the account's engines place an order now, into the armed fault."""
+        engines = [s.link for s in self.slots if s.account == index and s.link is not None]
+        if engines:
+            link = engines[0]
+            self.spawn(link.place, random.Random(f"{self.plan.seed}:provoke:{link.name}"))
 
     def _judge(
         self,
