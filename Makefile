@@ -28,7 +28,9 @@ demo: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-# Measurements, not tests: the keeper and the simulator as separate processes on loopback.
+# Measurements, not tests: every figure of the performance issue, keeper beside the floor, into
+# bench/RESULTS.md (about 25 minutes; `$(BIN)/python bench/run.py --quick` takes about 3).
+# py-spy is only for the profile section, so it is installed here rather than in every venv.
 bench: $(STAMP)
-	$(BIN)/python bench/idle_sessions.py --accounts 500 --seconds 30
-	$(BIN)/python bench/gateway_roundtrip.py --requests 5000 --seconds 5
+	test -x $(BIN)/py-spy || $(BIN)/pip install --quiet 'py-spy>=0.3.14'
+	$(BIN)/python bench/run.py

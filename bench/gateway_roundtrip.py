@@ -7,8 +7,10 @@ p99. This measures it the only honest way on a noisy machine: the simulator and 
 separate processes on loopback (so the keeper's work is its own), and this process sends the same
 request to the gateway and to the simulator directly, one after the other, so both series see
 the same noise. Then it drives pipelined load through 1 and 8 local links, and the same load at
-the simulator directly, for the throughput one account can carry. The simulator script and the
-/proc CPU reader are idle_sessions.py's, so both benchmarks measure alike.
+the simulator directly, for the throughput one account can carry. The simulator script, the
+/proc CPU reader and the pinning are procs.py's, so every benchmark here measures alike. run.py
+runs this as part of ``make bench`` (``measure``), pinned: the simulator and this process (the
+engine) on one core, the keeper and the bare relays on the other.
 
 Part of any hop's cost is not the gateway's: WebSocket framing in Python, Trio's scheduling, a
 send() per frame. To tell that floor from the gateway's own work, two bare relays run beside
@@ -45,12 +47,12 @@ from pathlib import Path
 from typing import Any, Final
 
 import trio
-from idle_sessions import SIMULATOR, cpu_seconds
+from procs import SIMULATOR, cores, cpu_seconds, pin
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 METHOD: Final = "private/get_open_orders_by_currency"
 PARAMS: Final = {"currency": "BTC"}
-# The simulator script of idle_sessions.py, with one account: a0 / id0 / secret0.
+# procs.py's simulator script, with one account: a0 / id0 / secret0.
 SIM_ACCOUNT: Final = {
     "grant_type": "client_credentials",
     "client_id": "id0",
@@ -83,7 +85,7 @@ PATHS: Final = {
 class LogLines:
     """A process's stdout, read as it comes, so the keeper's readiness is awaited, never polled.
 
-    The keeper's lines are JSON; the simulator's (only warnings and worse, as idle_sessions.py's
+    The keeper's lines are JSON; the simulator's (only warnings and worse, as procs.py's
     script configures it) are console text, kept as ``unparsed`` warnings. Reading also keeps the
     pipe drained (a full pipe would block the keeper's loop), and every
     warning or error is kept for the report: a benchmark that hides a ``session.lost`` or an
@@ -205,8 +207,14 @@ async def read_line(stream: trio.abc.ReceiveStream) -> bytes:
     return line
 
 
+def place(process: trio.Process, core: int | None) -> None:
+    """Pin ``process`` to ``core`` (None: leave it where the OS puts it)."""
+    if core is not None:
+        pin(process.pid, core)
+
+
 async def start_relay(
-    nursery: trio.Nursery, stack: AsyncExitStack, server: str, upstream: str
+    nursery: trio.Nursery, stack: AsyncExitStack, server: str, upstream: str, core: int | None
 ) -> Relay:
     """A bare relay process to ``upstream``; its first line is its port, later lines complaints
     (stderr with them: hypercorn's error log, or a traceback)."""
@@ -216,6 +224,7 @@ async def start_relay(
         stderr=subprocess.STDOUT,
     )
     stack.push_async_callback(stop, process)
+    place(process, core)
     assert process.stdout is not None
     with trio.fail_after(STARTUP_TIMEOUT_S):
         port = int(await read_line(process.stdout))
@@ -225,15 +234,20 @@ async def start_relay(
 
 
 @asynccontextmanager
-async def processes(profile: Path | None) -> AsyncIterator[Processes]:
+async def processes(profile: Path | None, pinned: bool) -> AsyncIterator[Processes]:
     """The simulator, the two bare relays, then the keeper, each its own process; all stopped
-    on the way out."""
+    on the way out. ``pinned``: the simulator and this process on the load core, the keeper
+    and the relays on the measured one (procs.cores())."""
     python = [sys.executable]
+    load_core, measured_core = cores() if pinned else (None, None)
+    if load_core is not None:
+        pin(0, load_core)
     async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
         sim = await trio.lowlevel.open_process(
             [*python, "-c", SIMULATOR, "1"], stdout=subprocess.PIPE
         )
         stack.push_async_callback(stop, sim)
+        place(sim, load_core)
         assert sim.stdout is not None
         with trio.fail_after(STARTUP_TIMEOUT_S):
             sim_port = int(await read_line(sim.stdout))
@@ -241,7 +255,7 @@ async def processes(profile: Path | None) -> AsyncIterator[Processes]:
         nursery.start_soon(sim_log.pump, sim.stdout)
         sim_url = f"ws://127.0.0.1:{sim_port}/ws/api/v2"
         relays = {
-            path: await start_relay(nursery, stack, server, sim_url)
+            path: await start_relay(nursery, stack, server, sim_url, measured_core)
             for path, server in (("bare", "trio-websocket"), ("bare-hc", "hypercorn"))
         }
 
@@ -255,6 +269,7 @@ async def processes(profile: Path | None) -> AsyncIterator[Processes]:
             stdout=subprocess.PIPE,
         )
         stack.push_async_callback(stop, keeper)
+        place(keeper, measured_core)
         assert keeper.stdout is not None
         log = LogLines()
         nursery.start_soon(log.pump, keeper.stdout)
@@ -526,8 +541,30 @@ def _short(filename: str) -> str:
     return filename
 
 
-async def bench(args: argparse.Namespace) -> list[str]:
-    async with processes(args.profile) as procs:
+@dataclass
+class Measured:
+    """One run's figures: the round trips per path, the throughput runs, the printed report."""
+
+    series: dict[str, Series]
+    loads: dict[tuple[str, int], Load]
+    rows: list[str]
+
+    def added_us(self, p: float) -> float:
+        """What the gateway adds over going direct, at percentile ``p``, in µs."""
+        return self.series["gateway"].pct(p) - self.series["direct"].pct(p)
+
+    def gateway_rps(self) -> float:
+        """The most relayed requests per second through the one account, over the link counts."""
+        rates = [load.answered for (path, _), load in self.loads.items() if path == "gateway"]
+        return max(rates, default=0) / self.seconds if self.seconds else 0.0
+
+    seconds: float = 0.0
+
+
+async def measure(args: argparse.Namespace) -> Measured:
+    """Every path's round trips, then the throughput runs; the processes pinned if
+    ``args.pin``."""
+    async with processes(args.profile, args.pin) as procs:
         series = await round_trips(procs, args.requests, args.warmup)
         loads: dict[tuple[str, int], Load] = {}
         for links in args.links:
@@ -537,7 +574,7 @@ async def bench(args: argparse.Namespace) -> list[str]:
                 loads[path, links] = await throughput(procs, path, links, args.window, args.seconds)
         await trio.sleep(0.2)  # let the keeper log the last links' ends
         load_1m = os.getloadavg()[0]
-        return [
+        rows = [
             f"{os.cpu_count()} cores, load average {load_1m:.2f} at the end (other work skews"
             " both paths; the difference is what counts)",
             *latency_table(series, args.requests, args.warmup),
@@ -552,9 +589,10 @@ async def bench(args: argparse.Namespace) -> list[str]:
                 for row in complaints_table(f"{path} relay", relay.log)
             ],
         ]
+        return Measured(series, loads, rows, seconds=args.seconds)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--requests", type=int, default=5000, help="timed round trips per path")
     parser.add_argument("--warmup", type=int, default=500, help="untimed round trips first")
@@ -574,10 +612,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--profile", type=Path, help="run the keeper under cProfile, writing this file"
     )
     parser.add_argument("--top", type=int, default=25, help="profile rows to print")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the simulator and this process on one core, the rest on the other",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
     started = time.monotonic()
     try:
-        rows = trio.run(bench, args)
+        rows = trio.run(measure, args).rows
     except RuntimeError as error:
         print(f"gateway_roundtrip: {error}", file=sys.stderr)
         return 1
