@@ -84,6 +84,7 @@ class Gateway:
         self.client_orders: dict[str, LinkOrders] = {}
         self._order_settled = trio.Event()
         self._upstream_served = False  # the session was ready since its last loss
+        self._upstream_changed = trio.Event()  # set, and replaced, at each ready and each loss
         self._known_methods: set[str] = set()  # names Deribit answered as methods it has
         self._nursery: trio.Nursery | None = None
         self._stop: tuple[int, str] | None = None
@@ -334,15 +335,12 @@ class Gateway:
         async def cancel(order_id: str) -> None:
             nonlocal cancelled
             async with pace:
-                with trio.move_on_after(self.request_timeout):
-                    try:
-                        relayed = await self.relay("private/cancel", {"order_id": order_id})
-                        answer = await relayed.answer()
-                    except (NotReady, SessionLost):
-                        return  # no upstream: Deribit's own COD cancelled what went through it
-                    result = answer.get("result")
-                    if isinstance(result, dict) and result.get("order_state") not in OPEN_STATES:
-                        cancelled += "error" not in answer
+                answer = await self._cancel_when_ready(order_id)
+            if answer is None or "error" in answer:
+                return
+            result = answer.get("result")
+            if isinstance(result, dict) and result.get("order_state") not in OPEN_STATES:
+                cancelled += 1
 
         with trio.move_on_after(LATE_ORDER_S):
             async with trio.open_nursery() as cancels:
@@ -361,9 +359,33 @@ class Gateway:
             cancelled=cancelled,
         )
 
+    async def _cancel_when_ready(self, order_id: str) -> dict[str, Any] | None:
+        """Deribit's answer to ``private/cancel`` of ``order_id``, or None if there is none to
+        wait for: no upstream (Deribit's own COD cancelled what went through it), or no answer
+        within the request timeout.
+
+        A session repairing COD on the link that carried the order (not ready, not lost) is
+        waited for: the order rests on a live link, and nothing else will cancel it.
+        """
+        while True:
+            try:
+                with trio.move_on_after(self.request_timeout):
+                    relayed = await self.relay("private/cancel", {"order_id": order_id})
+                    return await relayed.answer()
+                return None
+            except NotReady:
+                if not self._upstream_served:
+                    return None
+                await self._upstream_changed.wait()
+            except SessionLost:
+                return None
+
     def _on_session_event(self, session: Session, event: str, fields: Mapping[str, Any]) -> None:
         if session is not self._session or self._stop is not None:
             return
+        if event in (events.SESSION_READY, events.SESSION_LOST):
+            changed, self._upstream_changed = self._upstream_changed, trio.Event()
+            changed.set()
         if event == events.SESSION_READY:
             self._upstream_served = True
         elif event == events.SESSION_LOST and self._upstream_served:
