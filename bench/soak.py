@@ -93,7 +93,10 @@ class _Control:
         prefix = str(request["prefix"])
 
         def closed() -> bool:
-            return not any(o["label"].startswith(prefix) for o in sim.open_orders(client_id))
+            summaries = sim.order_summaries(client_id)
+            return not any(
+                is_open and label.startswith(prefix) for _, label, is_open, _ in summaries
+            )
 
         with trio.move_on_after(float(request["timeout"])):
             await sim.wait_for(closed)

@@ -167,15 +167,17 @@ class Simulator:
         """Like ``orders``, but only those still open."""
         return [order.wire() for order in self._orders_of(client_id, conn) if order.is_open]
 
-    def orders_by_connection(self, client_id: str) -> list[tuple[int | None, dict[str, Any]]]:
-        """Every order of ``client_id``, oldest first, each with the id of the connection that
-        created it (None: placed over HTTP): one pass, for a check that walks every connection
-        (``open_orders(conn=...)`` per connection would be quadratic over a long soak).
+    def order_summaries(self, client_id: str) -> list[tuple[str, str, bool, int | None]]:
+        """``(order_id, label, open, connection id)`` of every order of ``client_id``, oldest
+        first (connection None: placed over HTTP): for a check that walks a long soak's orders
+        often, where building each order's whole wire form would be most of its cost.
 
         Raises:
             KeyError: no account has this client_id.
         """
-        return [(order.conn_id, order.wire()) for order in self._orders_of(client_id, None)]
+        return [
+            (o.order_id, o.label, o.is_open, o.conn_id) for o in self._orders_of(client_id, None)
+        ]
 
     def _orders_of(self, client_id: str, conn: SimConnection | None) -> list[Order]:
         if all(account.client_id != client_id for account in self._exchange.accounts):
