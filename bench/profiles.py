@@ -208,12 +208,16 @@ def snapshot_sizes(side: str, n: int, settings: Settings) -> tuple[Counter[str],
         with tempfile.TemporaryDirectory() as tmp_name, open(Path(tmp_name) / "log", "wb") as log:
             tmp = Path(tmp_name)
             snap = tmp / "snapshot"
-            command = client_command(side, sim, n, settings.interval, tmp)
+            # tracemalloc slows the keeper several times: with the default 5 s request timeout
+            # 1,000 concurrent set-ups would time out and retry for ever.
+            command = client_command(side, sim, n, settings.interval, tmp, request_timeout=120)
             process = start_client(
-                [str(BENCH / "traced.py"), "--snapshot", str(snap), *command], measured_core, log
+                [str(BENCH / "traced.py"), "--snapshot", str(snap), "--frames", "8", *command],
+                measured_core,
+                log,
             )
             try:
-                if not sim.cmd("wait_ready", n=n, timeout=300)["ok"]:
+                if not sim.cmd("wait_ready", n=n, timeout=600)["ok"]:
                     raise RuntimeError(f"traced {side}: not all {n} ready")
                 time.sleep(SETTLE_S)
                 os.kill(process.pid, 10)  # SIGUSR1: traced.py dumps its snapshot

@@ -118,11 +118,15 @@ class Sim:
         self.process.stdin.flush()
 
 
-def keeper_config(directory: Path, url: str, accounts: int, interval: int) -> Path:
-    """N accounts, every default as an operator gets it (signature auth, COD checks every 60 s)."""
+def keeper_config(
+    directory: Path, url: str, accounts: int, interval: int, request_timeout: float = 5.0
+) -> Path:
+    """N accounts, every default as an operator gets it (signature auth, COD checks every 60 s);
+    only a traced keeper, slowed by tracemalloc, gets a longer ``request_timeout``."""
     lines = [
         "log: {level: warning, format: json}",
-        f"defaults: {{url: '{url}', heartbeat_interval: {interval}}}",
+        f"defaults: {{url: '{url}', heartbeat_interval: {interval}, "
+        f"request_timeout: {request_timeout:g}}}",
         "accounts:",
         *(
             f"  - {{name: a{i}, client_id: id{i}, client_secret: secret{i}}}"
@@ -134,10 +138,12 @@ def keeper_config(directory: Path, url: str, accounts: int, interval: int) -> Pa
     return path
 
 
-def client_command(side: str, sim: Sim, accounts: int, interval: int, tmp: Path) -> list[str]:
+def client_command(
+    side: str, sim: Sim, accounts: int, interval: int, tmp: Path, request_timeout: float = 5.0
+) -> list[str]:
     """The measured process's arguments after the interpreter: the keeper, or the floor."""
     if side == "keeper":
-        config = keeper_config(tmp, sim.url, accounts, interval)
+        config = keeper_config(tmp, sim.url, accounts, interval, request_timeout)
         return ["-m", "deribit_keeper", "run", "--config", str(config)]
     return [
         str(BENCH / "floor.py"),
@@ -639,11 +645,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         runs = [one_run(settings, number) for number in range(1, settings.runs + 1)]
-        profile_rows = profiles.profile(settings) if settings.profile else []
     except RuntimeError as error:
         print(f"run.py: {error}", file=sys.stderr)
         return 1
     old = output.read_text() if output.exists() else ""
+    # Written before the profile too, so that a profile that fails loses no figure.
+    output.write_text(report(runs, settings, ["## Profile", "", "(not run)"], old))
+    profile_rows: list[str] = []
+    if settings.profile:
+        try:
+            profile_rows = profiles.profile(settings)
+        except RuntimeError as error:
+            profile_rows = ["## Profile", "", f"The profile failed: {error}"]
+            say(f"profile failed: {error}")
     output.write_text(report(runs, settings, profile_rows, old))
     say(f"wrote {output} in {time.monotonic() - started:.0f} s")
     print(output.read_text())
