@@ -142,7 +142,7 @@ def _run(path: Path | None, shard_arg: str | None) -> int:
     except ValueError as error:
         raise ConfigError("shard", "", str(error)) from None
     logs.configure(config.log)
-    return _run_logged(lambda: trio.run(Keeper(config, shard=shard).run))
+    return _run_logged(lambda: trio.run(Keeper(config, shard=shard, freeze_heap=True).run))
 
 
 def _cancel_all(path: Path | None, account: str) -> int:

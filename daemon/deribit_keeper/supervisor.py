@@ -34,6 +34,7 @@ from . import __version__, events, logs
 from .config import AccountConfig, GatewayConfig, HttpConfig, KeeperConfig, load_config
 from .errors import ConfigError
 from .gateway import Gateway
+from .heap import HeapFreezer
 from .http import create_app, serve_http
 from .logs import get_logger
 from .metrics import KeeperMetrics
@@ -83,6 +84,7 @@ class Keeper:
         ssl_context: ssl.SSLContext | None = None,
         shard: Shard | None = None,
         environ: Mapping[str, str] | None = None,
+        freeze_heap: bool = False,  # heap.py says why; `deribit-keeper run` turns it on
     ) -> None:
         self.shard = shard
         self.config = self._narrow(config)
@@ -95,6 +97,7 @@ class Keeper:
         self._said_stopping = False
         self._status_changed, self._status_wanted = trio.open_memory_channel[None](1)
         self._rng = rng if rng is not None else random.Random()
+        self._heap = HeapFreezer(enabled=freeze_heap)
         self._wall_clock = wall_clock
         self._ssl_context = ssl_context
         self._log = get_logger()
@@ -288,6 +291,7 @@ class Keeper:
                 last = line
 
     def _state_changed(self, _session: Session, event: str, _fields: Mapping[str, Any]) -> None:
+        self._heap.session_changed(event, self.sessions.values())
         if event in _STATE_EVENTS:
             try:
                 self._status_changed.send_nowait(None)

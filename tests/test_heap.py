@@ -1,0 +1,90 @@
+"""The heap is frozen while every account is ready, and a lost link's objects are still freed.
+
+``deribit-keeper run`` freezes the heap (``heap.py``) so that the collector's full passes skip
+the links' long-lived objects; these tests run a Keeper with it on, as the CLI does, and leave
+the heap thawed for the rest of the suite whatever happens.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+from collections.abc import Iterator
+from functools import partial
+
+import pytest
+import trio
+import trio.testing
+
+from deribit_keeper.session import SessionState
+from deribit_keeper.simulator import Simulator
+from deribit_keeper.supervisor import Keeper
+
+from .conftest import account_config, keeper_config
+from .gateway_support import ready_and_listening, until, upstream
+
+
+@pytest.fixture
+def thawed_after() -> Iterator[None]:
+    yield
+    gc.unfreeze()
+
+
+async def freezing_keeper(nursery: trio.Nursery, sim: Simulator) -> Keeper:
+    config = keeper_config(account_config(sim, "main"), account_config(sim, "hedge"))
+    keeper = Keeper(config, rng=random.Random(7), freeze_heap=True)
+    await nursery.start(partial(keeper.run, handle_signals=False))
+    await until(keeper, ready_and_listening(keeper))
+    return keeper
+
+
+def tracked(thing: object) -> bool:
+    """Whether the collector's passes walk ``thing`` (frozen objects are left out)."""
+    return any(o is thing for o in gc.get_objects())
+
+
+async def test_once_every_account_is_ready_the_collector_skips_the_links(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    thawed_after: None,
+) -> None:
+    keeper = await freezing_keeper(nursery, sim)
+    assert gc.get_freeze_count() > 0
+    assert not tracked(keeper.sessions["main"].rpc)
+    assert not tracked(keeper.sessions["hedge"].rpc)
+
+
+async def test_a_lost_link_goes_back_to_the_collector_and_all_ready_freezes_again(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    thawed_after: None,
+) -> None:
+    """A reconnect must not leak the dead link: it was frozen, and sits in reference cycles
+    (its tasks' frames and the error that ended it), which only the collector can free."""
+    keeper = await freezing_keeper(nursery, sim)
+    session = keeper.sessions["main"]
+    dead_link = session.rpc
+    first = upstream(sim, "main")
+    await sim.drop(first, abrupt=True)
+    await until(keeper, lambda: session.state is SessionState.BACKOFF)
+    assert gc.get_freeze_count() == 0
+    assert tracked(dead_link)
+    await until(keeper, lambda: session.ready)
+    assert gc.get_freeze_count() > 0
+    assert not tracked(session.rpc)
+
+
+async def test_not_frozen_while_an_account_is_not_ready(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    thawed_after: None,
+) -> None:
+    keeper = await freezing_keeper(nursery, sim)
+    sim.refuse_handshakes(1000, 503)
+    await sim.drop(upstream(sim, "main"), abrupt=True)
+    await until(keeper, lambda: keeper.sessions["main"].state is SessionState.BACKOFF)
+    assert gc.get_freeze_count() == 0
+    assert tracked(keeper.sessions["hedge"].rpc)
