@@ -1,4 +1,4 @@
-"""The heap is frozen while every account is ready, and a lost link's objects are still freed.
+"""The heap is frozen when a session gets ready, and a lost link's objects are freed again.
 
 ``deribit-keeper run`` freezes the heap (``heap.py``) so that the collector's full passes skip
 the links' long-lived objects; these tests run a Keeper with it on, as the CLI does, and leave
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import random
+import weakref
 from collections.abc import Iterator
 from functools import partial
 
@@ -43,7 +44,7 @@ def tracked(thing: object) -> bool:
     return any(o is thing for o in gc.get_objects())
 
 
-async def test_once_every_account_is_ready_the_collector_skips_the_links(
+async def test_once_the_accounts_are_ready_the_collector_skips_their_links(
     autojump_clock: trio.testing.MockClock,
     nursery: trio.Nursery,
     sim: Simulator,
@@ -55,7 +56,7 @@ async def test_once_every_account_is_ready_the_collector_skips_the_links(
     assert not tracked(keeper.sessions["hedge"].rpc)
 
 
-async def test_a_lost_link_goes_back_to_the_collector_and_all_ready_freezes_again(
+async def test_a_lost_link_goes_back_to_the_collector_and_ready_freezes_again(
     autojump_clock: trio.testing.MockClock,
     nursery: trio.Nursery,
     sim: Simulator,
@@ -76,7 +77,7 @@ async def test_a_lost_link_goes_back_to_the_collector_and_all_ready_freezes_agai
     assert not tracked(session.rpc)
 
 
-async def test_not_frozen_while_an_account_is_not_ready(
+async def test_a_lost_link_thaws_the_heap_while_the_other_accounts_stay_ready(
     autojump_clock: trio.testing.MockClock,
     nursery: trio.Nursery,
     sim: Simulator,
@@ -88,3 +89,35 @@ async def test_not_frozen_while_an_account_is_not_ready(
     await until(keeper, lambda: keeper.sessions["main"].state is SessionState.BACKOFF)
     assert gc.get_freeze_count() == 0
     assert tracked(keeper.sessions["hedge"].rpc)
+
+
+class Node:
+    """A stand-in for a link's objects: it refers to itself, so only the collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def test_what_was_frozen_and_became_cyclic_garbage_is_freed_at_the_next_reconnect(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    thawed_after: None,
+) -> None:
+    """A reconnect is quicker than the collector's next full pass: were the dead link's cycles
+    frozen again as the new link gets ready, each reconnect would leak them for good."""
+    keeper = await freezing_keeper(nursery, sim)
+    session = keeper.sessions["main"]
+
+    async def reconnect() -> None:
+        before = upstream(sim, "main")
+        await sim.drop(before, abrupt=True)
+        await until(keeper, lambda: session.ready and upstream(sim, "main") is not before)
+
+    node = Node()
+    await reconnect()  # frozen alive, as a link's objects are
+    freed = weakref.ref(node)
+    del node  # now frozen garbage, in a cycle: as the link's objects once it dies
+    await reconnect()
+    assert freed() is None
+    assert gc.get_freeze_count() > 0

@@ -291,7 +291,7 @@ class Keeper:
                 last = line
 
     def _state_changed(self, _session: Session, event: str, _fields: Mapping[str, Any]) -> None:
-        self._heap.session_changed(event, self.sessions.values())
+        self._heap.session_changed(event)
         if event in _STATE_EVENTS:
             try:
                 self._status_changed.send_nowait(None)
