@@ -9,6 +9,7 @@ live here once, below both, beside ``protocol.py``. Nothing here does I/O.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final
@@ -79,13 +80,25 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    """Refuse a number past a double's range (``1e999``) as NaN and Infinity are: Python reads it
+    as inf and writes it back as ``Infinity``, which is not JSON. Echoed in an answer's id, or
+    relayed in params to Deribit (whose -32700 without an id ends the upstream link), it
+    would break a strict reader."""
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is out of a double's range")
+    return number
+
+
 def parse_frame(raw: str | bytes) -> Request:
     """Read one inbound frame as a request.
 
     (choice) Binary frames are read as UTF-8 text like text frames. Valid JSON that is not an
     object with a string ``method`` is answered -32000 ``Missing params`` without ``id``: the
     sheet's table gives -32600 the message "request entity too large", which would mislead here.
-    ``params`` absent or ``null`` counts as ``{}``; ``jsonrpc`` is not checked.
+    ``params`` absent or ``null`` counts as ``{}``; ``jsonrpc`` is not checked. A number past a
+    double's range (``1e999``) is not JSON here, as NaN and Infinity are not.
 
     Raises:
         BadFrame: -32600 for a frame over MAX_FRAME_BYTES, -32700 for anything that is not JSON
@@ -96,7 +109,9 @@ def parse_frame(raw: str | bytes) -> Request:
     if len(data) > MAX_FRAME_BYTES:
         raise BadFrame(RpcFault(ErrorCode.REQUEST_TOO_LARGE))
     try:
-        document = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        document = json.loads(
+            data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
+        )
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise BadFrame(RpcFault(ErrorCode.PARSE_ERROR)) from None
     if not isinstance(document, dict) or not isinstance(document.get("method"), str):
