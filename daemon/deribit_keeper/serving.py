@@ -11,10 +11,13 @@ import os
 from collections.abc import Callable
 from typing import Any, Final
 
+import hypercorn.trio.run
 import trio
 from hypercorn.config import Config
+from hypercorn.events import Closed, Event
 from hypercorn.logging import Logger
 from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.typing import (
     ASGIFramework,
     ASGIReceiveCallable,
@@ -93,6 +96,37 @@ class _StructlogLogger(Logger):
 
     async def log(self, level: int, message: str, *args: Any, **kwargs: Any) -> None:
         _log.log(level, HTTP_SERVER, message=message % args if args else message)
+
+
+class _ContainedTCPServer(TCPServer):
+    """hypercorn's connection handler, so that one connection's failure ends only itself.
+
+    hypercorn (0.17, 0.18) contains only ``OSError`` per connection; anything else escapes to
+    the nursery of the whole server and ends it, with every other connection on the port: for a
+    gateway, every engine's link, whose local COD then cancels their orders. A local client can
+    cause one: a request with ``Connection: close`` with another right behind it makes
+    hypercorn send EOF (outside its send lock) while answering the second (inside it), and trio
+    raises ``BusyResourceError`` (found by ``tests/test_fuzz_gateway.py``). That answer has
+    nowhere to go, since the connection is closing: it is dropped, as hypercorn drops one whose
+    peer has gone. Anything else that escapes a connection is a bug: logged with its
+    traceback, that connection closed, the server kept.
+    """
+
+    async def protocol_send(self, event: Event) -> None:
+        try:
+            await super().protocol_send(event)
+        except trio.BusyResourceError:
+            await self.protocol.handle(Closed())
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        except Exception:  # noqa: BLE001 (one connection's bug must not end the server)
+            _log.exception(HTTP_SERVER, message="a connection failed; only it was closed")
+
+
+# hypercorn's Trio worker builds each connection's handler from this module global.
+hypercorn.trio.run.TCPServer = _ContainedTCPServer  # type: ignore[attr-defined]
 
 
 class _Started(trio.TaskStatus[list[str]]):
