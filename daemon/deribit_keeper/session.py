@@ -32,6 +32,7 @@ from .cod_guard import CodGuard, Drift, enable_cod
 from .config import AccountConfig, ShutdownMode
 from .errors import DeadLink, NotReady, RpcError, SessionLost
 from .logs import get_logger
+from .pacer import ConnectPacer
 from .protocol import ErrorCode
 from .rpc import OnAnswer, Relayed, RpcConnection, open_rpc_connection
 
@@ -139,6 +140,7 @@ class Session:
         ssl_context: ssl.SSLContext | None = None,
         on_request: OnRequest | None = None,
         cancel_all_first: bool = False,
+        pacer: ConnectPacer | None = None,
     ) -> None:
         self.account = account
         self.state = SessionState.STOPPED
@@ -158,6 +160,7 @@ class Session:
         self._observers: list[Observer] = []
         self._listeners: list[Listener] = []
         self._on_request = on_request
+        self._pacer = pacer  # shared by the keeper's sessions: see pacer.py
         self._stop_requested = trio.Event()
         self._shutdown_mode: ShutdownMode = account.on_shutdown
         self.stopped = trio.Event()  # set once run() has returned
@@ -304,6 +307,8 @@ class Session:
         try:
             with self._scope:
                 while not self._stop_requested.is_set():
+                    if self._pacer is not None:
+                        await self._pacer.wait_turn()
                     try:
                         await self._connect_and_serve()
                     except SessionLost as lost:

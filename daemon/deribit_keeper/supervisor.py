@@ -38,6 +38,7 @@ from .heap import HeapFreezer
 from .http import create_app, serve_http
 from .logs import get_logger
 from .metrics import KeeperMetrics
+from .pacer import ConnectPacer
 from .session import Session, SessionState
 from .shard import Shard, select
 from .systemd import Notifier, keep_watchdog_fed, status_line, watchdog_interval
@@ -98,6 +99,7 @@ class Keeper:
         self._status_changed, self._status_wanted = trio.open_memory_channel[None](1)
         self._rng = rng if rng is not None else random.Random()
         self._heap = HeapFreezer(enabled=freeze_heap)
+        self._pacer = ConnectPacer()  # one for all: a mass disconnect must not become a storm
         self._wall_clock = wall_clock
         self._ssl_context = ssl_context
         self._log = get_logger()
@@ -332,6 +334,7 @@ class Keeper:
             ssl_context=self._ssl_context,
             on_request=self.metrics.on_request,
             cancel_all_first=account.on_start == "cancel_all" and account.name not in self._started,
+            pacer=self._pacer,
         )
         self.metrics.track(session)
         session.watch(self._state_changed)
