@@ -86,30 +86,49 @@ def test_a_pacer_without_a_rate_is_refused() -> None:
         ConnectPacer(burst=0)
 
 
-async def test_a_session_reconnects_no_sooner_than_its_turn(
+async def test_a_session_retries_no_sooner_than_its_turn(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
 ) -> None:
-    """Backoff first (half a second at most here), then the pacer's slot: ten seconds after
-    the first attempt, with one attempt every ten seconds."""
+    """Backoff first (half a second at most here), then the pacer's slot: with one retry every
+    ten seconds, the second retry comes ten seconds after the first."""
     session = Session(
         account_config(sim), rng=random.Random(3), pacer=ConnectPacer(rate=0.1, burst=1)
     )
     connecting: list[float] = []
-    second = trio.Event()
+    retried = [trio.Event(), trio.Event(), trio.Event()]
 
     def note(_session: Session, event: str, _fields: object) -> None:
         if event == events.SESSION_CONNECTING:
             connecting.append(trio.current_time())
-            if len(connecting) == 2:
-                second.set()
+            retried[len(connecting) - 1].set()
 
     session.watch(note)
     nursery.start_soon(session.run)
-    with trio.fail_after(5):
-        await until_state(session, SessionState.READY)
-    [link] = sim.connections
-    await sim.drop(link, abrupt=True)
-    with trio.fail_after(30):
-        await second.wait()
-    assert connecting[1] - connecting[0] == pytest.approx(10.0)
+    for attempt in (1, 2):
+        with trio.fail_after(30):
+            await until_state(session, SessionState.READY)
+        await sim.drop(sim.connections[-1], abrupt=True)
+        with trio.fail_after(30):
+            await retried[attempt].wait()
+    assert connecting[1] - connecting[0] < 1  # the first retry: the pacer's slot was free
+    assert connecting[2] - connecting[1] == pytest.approx(10.0)
     session.stop()
+
+
+async def test_first_attempts_are_not_paced_so_a_keeper_starts_at_once(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
+) -> None:
+    pacer = ConnectPacer(rate=0.1, burst=1)
+    sessions = [
+        Session(account_config(sim, name), rng=random.Random(3), pacer=pacer)
+        for name in ("main", "hedge")
+    ]
+    began = trio.current_time()
+    for session in sessions:
+        nursery.start_soon(session.run)
+    with trio.fail_after(5):
+        for session in sessions:
+            await until_state(session, SessionState.READY)
+    assert trio.current_time() - began < 1
+    for session in sessions:
+        session.stop()

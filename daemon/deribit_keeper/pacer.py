@@ -6,7 +6,9 @@ the same short window (``backoff.initial``, half a second by default): the bench
 1,000 links put every auth attempt inside one second, and the set-ups then queued for the CPU.
 The pacer hands out connection attempts at ``rate`` a second after a burst of ``burst``: a few
 accounts reconnect as fast as before, a thousand are spread evenly over a couple of seconds,
-and Deribit sees a steady trickle from this host instead of a wall.
+and Deribit sees a steady trickle from this host instead of a wall. Only retries are paced: a
+keeper that starts connects every account at once, as fast as its CPU sets them up (pacing the
+start too cost the bench's 1,000 accounts a second more until all were ready).
 
 It is a virtual schedule (the "generic cell rate algorithm" of ATM networks, a token bucket
 without a refill task): each caller takes the next free slot and sleeps until it. There is no

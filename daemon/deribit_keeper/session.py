@@ -307,8 +307,8 @@ class Session:
         try:
             with self._scope:
                 while not self._stop_requested.is_set():
-                    if self._pacer is not None:
-                        await self._pacer.wait_turn()
+                    if self._pacer is not None and self.reconnects:
+                        await self._pacer.wait_turn()  # a retry: a mass loss must be no storm
                     try:
                         await self._connect_and_serve()
                     except SessionLost as lost:
