@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Final, cast
+from typing import Any, Final, cast
 
 import trio
 import trio.testing
@@ -37,33 +37,14 @@ from deribit_keeper.simulator import SimConnection, Simulator
 from deribit_keeper.supervisor import Keeper
 
 from .conftest import SIM_ACCOUNTS, LogLines
+from .fuzz_support import JUNK, Bystander, Frame, first_bug, run_example
 from .gateway_support import Client, connect, gateway_account, run_keeper, until, upstream
 
 CHANNEL: Final = "user.orders.BTC-PERPETUAL.raw"  # what each local client subscribes to
-# Signs of a bug: each comes with a traceback in the log.
-BUG_EVENTS: Final = {
-    events.SESSION_UNEXPECTED_ERROR,
-    events.SESSION_OBSERVER_FAILED,
-    events.GATEWAY_UNEXPECTED_ERROR,
-    events.GATEWAY_OBSERVER_FAILED,
-    events.KEEPER_CRASHED,
-}
 RECOVERY_S: Final = 300.0  # virtual seconds: backoff (max 30 s) and set-up, with room to spare
 
 # ---- the frames ------------------------------------------------------------------------------
 
-JUNK: Final = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.integers(-(10**40), 10**40)
-    | st.floats()  # NaN and infinities too: json.dumps writes NaN, Infinity
-    | st.text(max_size=20),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
-    ),
-    max_leaves=10,
-)
 # The keeper's own ids on a connection start at 1; anything else is an id it never sent.
 IDS: Final = (
     st.integers(1, 40)
@@ -129,17 +110,6 @@ ODD_TEXT: Final = st.sampled_from(
 
 
 @dataclass(frozen=True)
-class Frame:
-    """One frame for "Deribit" to send on the first account's connection."""
-
-    payload: str | bytes
-
-    def __repr__(self) -> str:  # a megabyte of frame makes an unreadable falsifying example
-        shown = self.payload if len(self.payload) <= 200 else self.payload[:200]
-        return f"Frame({shown!r}{'...' if len(self.payload) > 200 else ''})"
-
-
-@dataclass(frozen=True)
 class Pause:
     """Virtual seconds with no junk: heartbeats, a COD check or a reconnect happen meanwhile."""
 
@@ -185,15 +155,9 @@ class Scene:
     """One keeper with two accounts on one simulator, and what the test watches of them."""
 
     def __init__(self, sim: Simulator, keeper: Keeper, bystander: Client) -> None:
-        self.sim, self.keeper, self.bystander = sim, keeper, bystander
-        self.hedge_link = upstream(sim, "hedge")
-        self.hedge_left_ready: list[str] = []
-        keeper.sessions["hedge"].watch(self._watch_hedge)
+        self.sim, self.keeper = sim, keeper
+        self.bystander = Bystander(sim, keeper, bystander)
         self.trader: Client | None = None
-
-    def _watch_hedge(self, session: object, event: str, _fields: object) -> None:
-        if self.keeper.sessions["hedge"].state is not SessionState.READY:
-            self.hedge_left_ready.append(event)
 
     def main_ready(self) -> bool:
         return self.keeper.sessions["main"].state is SessionState.READY
@@ -203,12 +167,6 @@ class Scene:
         with trio.fail_after(RECOVERY_S):
             await until(self.keeper, self.main_ready)
         return upstream(self.sim, "main")
-
-    def assert_bystander_untouched(self) -> None:
-        assert not self.hedge_left_ready, self.hedge_left_ready
-        assert self.hedge_link.open and upstream(self.sim, "hedge") is self.hedge_link
-        assert self.bystander.closed is None
-        assert self.keeper.alive()
 
 
 @asynccontextmanager
@@ -239,7 +197,7 @@ async def play(scene: Scene, steps: Sequence[Step], exits: AsyncExitStack) -> No
                     subscribed_client(scene.keeper, "main")
                 )
             await relay(scene, scene.trader, link, step.delay)
-        scene.assert_bystander_untouched()
+        scene.bystander.assert_untouched()
 
 
 async def relay(scene: Scene, trader: Client, link: SimConnection, delay: float) -> None:
@@ -272,26 +230,22 @@ async def run_scene(steps: Sequence[Step]) -> None:
             async with subscribed_client(keeper, "main") as trader:
                 assert await trader.result("public/test") == {"version": "1.2.26"}
             assert await bystander.result("public/test") == {"version": "1.2.26"}
-            scene.assert_bystander_untouched()
+            scene.bystander.assert_untouched()
         keeper.stop()
         keeper.stop()  # at once: the test is over
         nursery.cancel_scope.cancel()
 
 
-def assert_log_clean(log_lines: LogLines, since: int) -> None:
+def assert_log_clean(found: list[dict[str, Any]]) -> None:
     """No bug event, and every lost link is the first account's, with a known reason."""
-    found = [json.loads(line) for line in log_lines.text[since:].splitlines() if line.strip()]
-    bugs = [e for e in found if e["event"] in BUG_EVENTS]
-    assert not bugs, bugs[0].get("exception", bugs[0])
+    bug = first_bug(found)
+    assert bug is None, bug.get("exception", bug)
     for lost in (e for e in found if e["event"] == events.SESSION_LOST):
         assert lost["account"] == "main" and lost["reason"] != "internal_error", lost
 
 
 def run(steps: Sequence[Step], log_lines: LogLines) -> None:
-    since = len(log_lines.text)
-    clock = trio.testing.MockClock(autojump_threshold=0)
-    trio.run(partial(run_scene, steps), clock=clock)
-    assert_log_clean(log_lines, since)
+    run_example(partial(run_scene, steps), log_lines, assert_log_clean)
 
 
 # The leak check's fixtures (log_lines, exposure) gather across every example of a test, which
