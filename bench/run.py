@@ -119,14 +119,20 @@ class Sim:
 
 
 def keeper_config(
-    directory: Path, url: str, accounts: int, interval: int, request_timeout: float = 5.0
+    directory: Path,
+    url: str,
+    accounts: int,
+    interval: int,
+    request_timeout: float = 5.0,
+    cod_check_interval: int = 60,
 ) -> Path:
     """N accounts, every default as an operator gets it (signature auth, COD checks every 60 s);
-    only a traced keeper, slowed by tracemalloc, gets a longer ``request_timeout``."""
+    only a traced keeper, slowed by tracemalloc, gets a longer ``request_timeout``, and
+    ``--cod-check-interval`` shows what the checks cost."""
     lines = [
         "log: {level: warning, format: json}",
         f"defaults: {{url: '{url}', heartbeat_interval: {interval}, "
-        f"request_timeout: {request_timeout:g}}}",
+        f"request_timeout: {request_timeout:g}, cod_check_interval: {cod_check_interval}}}",
         "accounts:",
         *(
             f"  - {{name: a{i}, client_id: id{i}, client_secret: secret{i}}}"
@@ -139,11 +145,19 @@ def keeper_config(
 
 
 def client_command(
-    side: str, sim: Sim, accounts: int, interval: int, tmp: Path, request_timeout: float = 5.0
+    side: str,
+    sim: Sim,
+    accounts: int,
+    interval: int,
+    tmp: Path,
+    request_timeout: float = 5.0,
+    cod_check_interval: int = 60,
 ) -> list[str]:
     """The measured process's arguments after the interpreter: the keeper, or the floor."""
     if side == "keeper":
-        config = keeper_config(tmp, sim.url, accounts, interval, request_timeout)
+        config = keeper_config(
+            tmp, sim.url, accounts, interval, request_timeout, cod_check_interval
+        )
         return ["-m", "deribit_keeper", "run", "--config", str(config)]
     return [
         str(BENCH / "floor.py"),
@@ -206,7 +220,14 @@ def measure_side(side: str, accounts: int, settings: Settings, *, largest: bool)
     sim = Sim(accounts, load_core)
     try:
         with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "log", "w+b") as log:
-            command = client_command(side, sim, accounts, settings.interval, Path(tmp))
+            command = client_command(
+                side,
+                sim,
+                accounts,
+                settings.interval,
+                Path(tmp),
+                cod_check_interval=settings.cod_check_interval,
+            )
             client = start_client(command, measured_core, log)
             try:
                 pids = {"measured": client.pid, "sim": sim.process.pid}
@@ -313,6 +334,7 @@ class Settings:
     gateway_seconds: float
     profile: bool
     quick: bool
+    cod_check_interval: int = 60
 
 
 @dataclass
@@ -515,7 +537,8 @@ def report(runs: list[Run], settings: Settings, profile_rows: list[str], old: st
         "",
         *machine(),
         f"- settings: N = {', '.join(map(str, settings.accounts))}; {settings.runs} run(s); "
-        f"heartbeat {settings.interval} s; idle window {settings.idle_s:g} s at N = {big} "
+        f"heartbeat {settings.interval} s; the keeper's COD checks every "
+        f"{settings.cod_check_interval} s; idle window {settings.idle_s:g} s at N = {big} "
         f"({settings.short_idle_s:g} s below); burst {settings.burst_ticks} bunched ticks; "
         f"{settings.silent_links} silenced links per starting point; gateway "
         f"{settings.gateway_requests} round trips per path, {settings.gateway_seconds:g} s "
@@ -617,6 +640,12 @@ def parse(argv: Sequence[str] | None) -> tuple[Settings, Path]:
     parser.add_argument("--interval", type=int, default=10, help="heartbeat, seconds")
     parser.add_argument("--idle", type=float, help="idle window at the largest N, seconds")
     parser.add_argument("--no-profile", action="store_true", help="skip py-spy and tracemalloc")
+    parser.add_argument(
+        "--cod-check-interval",
+        type=int,
+        default=60,
+        help="seconds between the keeper's COD checks (60, the default an operator gets)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     quick = bool(args.quick)
@@ -636,6 +665,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Settings, Path]:
         gateway_seconds=2.0 if quick else 5.0,
         profile=not args.no_profile,
         quick=quick,
+        cod_check_interval=args.cod_check_interval,
     ), args.output
 
 
