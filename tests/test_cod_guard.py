@@ -20,6 +20,7 @@ from deribit_keeper.session import Session, SessionState
 from deribit_keeper.simulator import SimConnection, Simulator
 
 from .conftest import SIM_ACCOUNTS, LogLines, account_config
+from .gateway_support import upstream
 from .test_http import http, serve
 from .test_metrics import scrape, start_keeper, value
 from .test_session import next_ready, until_state
@@ -284,15 +285,16 @@ async def test_an_unanswered_check_is_a_warning_and_the_link_stays(
 async def test_no_check_before_the_interval_and_then_one_per_interval(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
 ) -> None:
-    """The first reading comes one interval after READY, then one every interval."""
+    """The first reading comes between half an interval and one after READY (accounts ready
+    together must not check together for ever), then one every interval."""
     session = start(nursery, sim, cod_check_interval=20)
     await until_state(session, SessionState.READY)
     conn = sim.connections[0]
     ready_at = trio.current_time()
     setup = len(calls(conn, GET))
-    await trio.sleep(19.9)
+    await trio.sleep(9.9)
     assert len(calls(conn, GET)) == setup
-    await trio.sleep(0.2)
+    await trio.sleep_until(ready_at + 20.1)
     assert len(calls(conn, GET)) == setup + 1
     await trio.sleep_until(ready_at + 20 * 25 + 1)  # 500 s of virtual time, under a token's life
     assert len(calls(conn, GET)) == setup + 25
@@ -326,7 +328,7 @@ async def test_a_repair_that_cannot_be_confirmed_ends_the_link(
     await next_ready(session, sim, 1)
     (lost,) = log_lines.events("session.lost")
     assert (lost["reason"], lost["state"]) == ("cod_not_confirmed", "enabling_cod")
-    assert lost["uptime_s"] >= INTERVAL  # the link had been ready: its uptime is kept
+    assert lost["uptime_s"] >= INTERVAL / 2  # the link had been ready: its uptime is kept
     assert len(log_lines.events("session.cod_drift")) == 1
 
 
@@ -363,3 +365,29 @@ async def test_a_stop_during_a_repair_still_logs_out(
     await until_state(session, SessionState.STOPPED)
     assert conn.logged_out and not conn.cod_fired
     assert "private/logout" in conn.methods()
+
+
+async def test_accounts_ready_together_check_cod_at_different_times(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
+) -> None:
+    """Ready in the same instant (a start, a mass reconnect), a keeper's accounts still read
+    COD apart: each session draws its first check's phase."""
+    keeper = start_keeper(nursery, sim, "main", "hedge")
+    for session in keeper.sessions.values():
+        await until_state(session, SessionState.READY)
+    links = [upstream(sim, name) for name in ("main", "hedge")]
+    setup = [len(calls(link, GET)) for link in links]
+    checked_at: dict[int, float] = {}
+
+    def newly_checked() -> list[int]:
+        return [
+            i
+            for i, link in enumerate(links)
+            if i not in checked_at and len(calls(link, GET)) > setup[i]
+        ]
+
+    while len(checked_at) < len(links):
+        await sim.wait_for(lambda: bool(newly_checked()))
+        for i in newly_checked():
+            checked_at[i] = trio.current_time()
+    assert abs(checked_at[0] - checked_at[1]) > 1

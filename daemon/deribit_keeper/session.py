@@ -476,10 +476,14 @@ class Session:
 
         Both in this one task, one after the other: a task each would cost memory on every
         session for two sleeps, and the guard relies on a refresh's reading never running
-        beside a check. The next check is due one interval after the last one ended.
+        beside a check. The next check is due one interval after the last one ended; the first
+        comes after a random half to whole interval, so that accounts ready together (a start,
+        a mass reconnect) do not check COD together every interval for ever: 1,000 checks in
+        the same two seconds each minute were the bench's worst test_request answers.
         """
         quiet = quiet_limit(self.account.heartbeat_interval)
-        next_check = trio.current_time() + self._cod_guard.interval
+        first = self._cod_guard.interval * self._rng.uniform(0.5, 1.0)
+        next_check = trio.current_time() + first
         while True:
             with rpc.silence_watchdog(quiet) as quieted:
                 await trio.sleep_until(min(token.refresh_at, next_check))
