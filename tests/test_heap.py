@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import random
 import weakref
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from functools import partial
 
 import pytest
@@ -26,17 +26,19 @@ from .gateway_support import ready_and_listening, until, upstream
 
 
 @pytest.fixture
-def thawed_after() -> Iterator[None]:
-    yield
-    gc.unfreeze()
-
-
-async def freezing_keeper(nursery: trio.Nursery, sim: Simulator) -> Keeper:
+async def keeper(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
+) -> AsyncIterator[Keeper]:
+    """Two accounts ready under a Keeper that freezes the heap, as ``deribit-keeper run``
+    does; the heap is thawed afterwards, whatever happened."""
     config = keeper_config(account_config(sim, "main"), account_config(sim, "hedge"))
     keeper = Keeper(config, rng=random.Random(7), freeze_heap=True)
-    await nursery.start(partial(keeper.run, handle_signals=False))
-    await until(keeper, ready_and_listening(keeper))
-    return keeper
+    try:
+        await nursery.start(partial(keeper.run, handle_signals=False))
+        await until(keeper, ready_and_listening(keeper))
+        yield keeper
+    finally:
+        gc.unfreeze()
 
 
 def tracked(thing: object) -> bool:
@@ -45,26 +47,18 @@ def tracked(thing: object) -> bool:
 
 
 async def test_once_the_accounts_are_ready_the_collector_skips_their_links(
-    autojump_clock: trio.testing.MockClock,
-    nursery: trio.Nursery,
-    sim: Simulator,
-    thawed_after: None,
+    keeper: Keeper, sim: Simulator
 ) -> None:
-    keeper = await freezing_keeper(nursery, sim)
     assert gc.get_freeze_count() > 0
     assert not tracked(keeper.sessions["main"].rpc)
     assert not tracked(keeper.sessions["hedge"].rpc)
 
 
 async def test_a_lost_link_goes_back_to_the_collector_and_ready_freezes_again(
-    autojump_clock: trio.testing.MockClock,
-    nursery: trio.Nursery,
-    sim: Simulator,
-    thawed_after: None,
+    keeper: Keeper, sim: Simulator
 ) -> None:
     """A reconnect must not leak the dead link: it was frozen, and sits in reference cycles
     (its tasks' frames and the error that ended it), which only the collector can free."""
-    keeper = await freezing_keeper(nursery, sim)
     session = keeper.sessions["main"]
     dead_link = session.rpc
     first = upstream(sim, "main")
@@ -78,12 +72,8 @@ async def test_a_lost_link_goes_back_to_the_collector_and_ready_freezes_again(
 
 
 async def test_a_lost_link_thaws_the_heap_while_the_other_accounts_stay_ready(
-    autojump_clock: trio.testing.MockClock,
-    nursery: trio.Nursery,
-    sim: Simulator,
-    thawed_after: None,
+    keeper: Keeper, sim: Simulator
 ) -> None:
-    keeper = await freezing_keeper(nursery, sim)
     sim.refuse_handshakes(1000, 503)
     await sim.drop(upstream(sim, "main"), abrupt=True)
     await until(keeper, lambda: keeper.sessions["main"].state is SessionState.BACKOFF)
@@ -99,14 +89,10 @@ class Node:
 
 
 async def test_what_was_frozen_and_became_cyclic_garbage_is_freed_at_the_next_reconnect(
-    autojump_clock: trio.testing.MockClock,
-    nursery: trio.Nursery,
-    sim: Simulator,
-    thawed_after: None,
+    keeper: Keeper, sim: Simulator
 ) -> None:
     """A reconnect is quicker than the collector's next full pass: were the dead link's cycles
     frozen again as the new link gets ready, each reconnect would leak them for good."""
-    keeper = await freezing_keeper(nursery, sim)
     session = keeper.sessions["main"]
 
     async def reconnect() -> None:
