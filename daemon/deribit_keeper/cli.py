@@ -1,8 +1,10 @@
-"""The ``deribit-keeper`` command: run | check | cancel-all | simulate | demo | probe.
+"""The ``deribit-keeper`` command: run | check | status | cancel-all | simulate | demo | probe.
 
 Exit codes follow sysexits: 0 after a clean stop, 78 (EX_CONFIG) for any configuration problem,
 reported as one line naming the file, the key path and what is wrong; 1 for anything unexpected.
 ``cancel-all`` exits 1, with one line on stderr, when the running keeper refuses or cannot do it.
+``status`` exits 0 when every account is ready, 1 when one is not, 2 when the keeper cannot be
+asked (status_command.py says why three).
 """
 
 from __future__ import annotations
@@ -60,13 +62,23 @@ def _parser() -> argparse.ArgumentParser:
         help="cancel every open order of ACCOUNT through the running keeper's endpoint",
     )
     cancel_all.add_argument("account", metavar="ACCOUNT", help="the account's name in the config")
-    for each in (run, check, cancel_all):
+    status = commands.add_parser(
+        "status",
+        help="show the running keeper's accounts (exit 0 all ready, 1 not, 2 keeper unreachable)",
+    )
+    # status finds the endpoint in the config's http.listen, as cancel-all does, or is told it.
+    status_where = status.add_mutually_exclusive_group()
+    for each in (run, check, cancel_all, status_where):
         each.add_argument(
             "--config",
             type=Path,
             help="config file (default: $DERIBIT_KEEPER_CONFIG, else "
             "/etc/deribit-keeper/config.yaml)",
         )
+    status_where.add_argument(
+        "--url", help="the endpoint's base URL instead of the config's, e.g. http://127.0.0.1:9464"
+    )
+    status.add_argument("--json", action="store_true", help="print /status as it came")
 
     run.add_argument(
         "--shard",
@@ -104,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args.config, args.shard)
         if args.command == "cancel-all":
             return _cancel_all(args.config, args.account)
+        if args.command == "status":
+            return _status(args.config, args.url, as_json=args.json)
         if args.command == "probe":
             from .probe import probe
 
@@ -178,6 +192,31 @@ def _cancel_all(path: Path | None, account: str) -> int:
         return _cancel_all_error(account, _refusal(status, body))
     print(body.decode(errors="replace").strip())
     return EX_OK
+
+
+def _status(path: Path | None, url: str | None, *, as_json: bool) -> int:
+    """``deribit-keeper status``: the endpoint from ``--url``, else from the config's
+    ``http.listen`` (read as cancel-all reads it: no secret needs resolving); the rest is
+    status_command's."""
+    from . import status_command
+
+    where: status_command.Target | str
+    if url is not None:
+        where = url
+    else:
+        source = _config_path(path)
+        endpoint = load_http_config(source)
+        if endpoint is None:
+            problem = "not set: status asks the running keeper's endpoint (or give --url)"
+            raise ConfigError(str(source), "http.listen", problem)
+        if endpoint.port == 0:
+            problem = "port 0 is any free port, chosen at start-up: give status --url"
+            raise ConfigError(str(source), "http.listen", problem)
+        # A keeper listening on every address is reached on loopback, where it listens too.
+        where = status_command.Target(_WILDCARDS.get(endpoint.host, endpoint.host), endpoint.port)
+    return status_command.run(
+        where, as_json=as_json, out=sys.stdout, err=sys.stderr, environ=os.environ
+    )
 
 
 def _admin_endpoint(source: str, endpoint: HttpConfig | None) -> tuple[HttpConfig, Secret]:
