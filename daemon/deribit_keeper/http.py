@@ -1,5 +1,5 @@
-"""The operations endpoint: /healthz, /readyz, /status and /metrics over HTTP, and the panic
-button ``POST /accounts/<name>/cancel-all``.
+"""The operations endpoint: /healthz, /readyz, /status and /metrics over HTTP, the status page
+at ``/`` (``status_page.py``), and the panic button ``POST /accounts/<name>/cancel-all``.
 
 An ASGI app served by hypercorn's Trio worker inside the keeper's own Trio loop: hypercorn does
 all the HTTP, the app only routes a few paths. Every GET answer is built from what the sessions
@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hmac
 import json
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Final, Protocol
 
@@ -32,7 +34,7 @@ from hypercorn.typing import (
     Scope,
 )
 
-from . import __version__, events
+from . import __version__, events, status_page
 from .config import KeeperConfig, Secret
 from .errors import NotReady, RpcError, SessionLost
 from .gateway import Gateway
@@ -41,6 +43,7 @@ from .metrics import KeeperMetrics
 from .serving import lifespan, serve_asgi
 from .session import Session, SessionState
 
+PAGE_PATH: Final = "/"  # the status page, for people
 HEALTH_PATH: Final = "/healthz"
 READY_PATH: Final = "/readyz"
 STATUS_PATH: Final = "/status"
@@ -111,12 +114,17 @@ def _refuse_method(allowed: tuple[str, ...]) -> _Response:
 
 
 class _App:
-    """Five GET routes over a ``StatusSource`` (HEAD answers the same without the body), and
+    """Six GET routes over a ``StatusSource`` (HEAD answers the same without the body), and
     ``POST /accounts/<name>/cancel-all`` for a holder of the admin token."""
 
-    def __init__(self, source: StatusSource, admin_token: AdminToken) -> None:
+    def __init__(
+        self, source: StatusSource, admin_token: AdminToken, wall_clock: Callable[[], float]
+    ) -> None:
         self._source = source
         self._cancel_all = _CancelAll(source, admin_token)
+        self._wall_clock = wall_clock
+        # The Keeper builds its endpoint first thing in run(), so this is its uptime too.
+        self._started = trio.current_time()
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -152,6 +160,8 @@ class _App:
         return route()
 
     def _route(self, path: str) -> Callable[[], _Response] | None:
+        if path == PAGE_PATH:
+            return self._page
         if path == HEALTH_PATH:
             return self._health
         if path == READY_PATH:
@@ -182,27 +192,47 @@ class _App:
             return _json(404, {"error": "unknown account", "account": name[:64]})
         return self._readiness({name: session})
 
-    def _status(self) -> _Response:
+    def _status_document(self) -> dict[str, Any]:
+        """What /status serves and the status page shows: every account's and gateway's
+        snapshot, the ready count, and the keeper's version, uptime and shard.
+
+        ``now`` is the wall clock the sessions stamp their times with, so that a reader works
+        out "confirmed 12 s ago" against the keeper's clock, not its own.
+        """
         sessions = self._source.sessions
         gateways = self._source.gateways
         accounts = {name: s.snapshot() for name, s in sessions.items()}
         for name, account in accounts.items():
             gateway = gateways.get(name)
             account["gateway"] = None if gateway is None else gateway.snapshot()
-        return _json(
-            200,
-            {
-                "version": __version__,
-                "alive": self._source.alive(),
-                "ready": sum(a["ready"] for a in accounts.values()),
-                "total": len(accounts),
-                "accounts": accounts,
-            },
-        )
+        shard = getattr(self._source, "shard", None)  # the Keeper's; a test's source has none
+        return {
+            "version": __version__,
+            "alive": self._source.alive(),
+            "ready": sum(a["ready"] for a in accounts.values()),
+            "total": len(accounts),
+            "now": _iso(self._wall_clock()),
+            "uptime_s": round(trio.current_time() - self._started, 3),
+            "shard": None if shard is None else str(shard),
+            "accounts": accounts,
+        }
+
+    def _status(self) -> _Response:
+        return _json(200, self._status_document())
+
+    def _page(self) -> _Response:
+        page = status_page.render(self._status_document())
+        return _Response(200, page, status_page.CONTENT_TYPE, status_page.HEADERS)
 
     def _metrics(self) -> _Response:
         body, content_type = self._source.metrics.render()
         return _Response(200, body, content_type)
+
+
+def _iso(wall: float) -> str:
+    """A wall-clock time as the sessions' snapshots write theirs: ``2025-01-02T03:04:05.678Z``."""
+    stamp = datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
 
 
 def _cancel_all_account(path: str) -> str | None:
@@ -332,15 +362,21 @@ def _configured_admin_token(source: object) -> Secret | None:
     return None if http is None else http.admin_token
 
 
-def create_app(source: StatusSource, *, admin_token: AdminToken | None = None) -> ASGIFramework:
-    """The ASGI app answering /healthz, /readyz[/<account>], /status, /metrics and
-    ``POST /accounts/<account>/cancel-all``.
+def create_app(
+    source: StatusSource,
+    *,
+    admin_token: AdminToken | None = None,
+    wall_clock: Callable[[], float] = time.time,
+) -> ASGIFramework:
+    """The ASGI app answering /, /healthz, /readyz[/<account>], /status, /metrics and
+    ``POST /accounts/<account>/cancel-all``. Call it inside ``trio.run``: uptime counts from here.
 
     ``admin_token`` returns the token that unlocks cancel-all (None: refused), asked on every
     request; by default it is the one in the source's current config, if it has one.
+    ``wall_clock`` is the sessions' (their snapshots' times are on it).
     """
     token = admin_token if admin_token is not None else partial(_configured_admin_token, source)
-    return _App(source, token)
+    return _App(source, token, wall_clock)
 
 
 async def serve_http(

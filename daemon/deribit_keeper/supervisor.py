@@ -302,7 +302,8 @@ class Keeper:
 
     async def _start_http(self, nursery: trio.Nursery, http: HttpConfig) -> None:
         try:
-            self.http_port = await nursery.start(serve_http, create_app(self), http.host, http.port)
+            app = create_app(self, wall_clock=self._wall_clock)
+            self.http_port = await nursery.start(serve_http, app, http.host, http.port)
         except OSError as error:
             self._log.error(events.KEEPER_HTTP_FAILED, listen=http.bind, error=str(error))
             raise
