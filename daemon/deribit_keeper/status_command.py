@@ -34,8 +34,11 @@ from typing import Any, Final, TextIO
 from urllib.parse import urlsplit
 
 from . import __version__
-from .http import STATUS_PATH
 
+# http.py's route. Not imported from there: that would load the whole server (hypercorn, the
+# gateway, the sessions: half a second) into a command that only reads one page;
+# test_status_command checks that the two agree.
+STATUS_PATH: Final = "/status"
 EX_READY: Final = 0
 EX_NOT_READY: Final = 1
 EX_UNREACHABLE: Final = 2
@@ -115,6 +118,8 @@ def parse_url(url: str) -> Target:
     Raises:
         ValueError: not such a URL; the message says what is wrong, for one stderr line.
     """
+    if not _printable(url):  # first: urlsplit would misread an escape's "[" as IPv6
+        raise ValueError("it holds control characters")
     parts = urlsplit(url.strip())
     if parts.scheme != "http":
         raise ValueError("expected an http:// URL such as http://127.0.0.1:9464")
@@ -129,8 +134,6 @@ def parse_url(url: str) -> Target:
     path = parts.path.rstrip("/")
     if not path.endswith(STATUS_PATH):
         path += STATUS_PATH
-    if not _printable(parts.hostname + path):
-        raise ValueError("it holds control characters")
     return Target(parts.hostname, 80 if port is None else port, path)
 
 
@@ -153,6 +156,9 @@ def fetch(target: Target, timeout: float = FETCH_TIMEOUT_S) -> bytes:
         raise Unreachable(f"nothing listens at {target.address}: is the keeper running?") from None
     except TimeoutError:
         problem = f"no answer from {target.address} within {timeout:g}s"
+        raise Unreachable(problem) from None
+    except http.client.RemoteDisconnected:  # before HTTPException: it is one, and says more
+        problem = f"what listens at {target.address} hung up without answering"
         raise Unreachable(problem) from None
     except http.client.HTTPException as error:
         problem = f"what answers at {target.address} does not speak HTTP ({type(error).__name__})"
@@ -210,10 +216,13 @@ def exit_code(document: Mapping[str, Any]) -> int:
 def render(document: Mapping[str, Any], *, now: float, colour: bool = False) -> list[str]:
     """The lines that show ``document``: a summary, a heading, then one row per account.
 
-    ``now`` is the wall clock (``time.time()``) the document's timestamps are measured against.
-    Columns are aligned by display width (a wide character counts two); with ``colour`` the
-    state word is coloured, after alignment, so colour never shifts a column.
+    Ages are measured against the keeper's own clock, the document's ``now``, so that a keeper
+    whose host's clock differs from this one's still shows true ages; ``now`` (``time.time()``)
+    stands in when the document has none (a keeper older than that key). Columns are aligned by
+    display width (a wide character counts two); with ``colour`` the state word is coloured,
+    after alignment, so colour never shifts a column.
     """
+    now = _keeper_now(document, now)
     accounts: Mapping[str, Mapping[str, Any]] = document["accounts"]
     rows = [_COLUMNS, *(_row(name, account, now) for name, account in accounts.items())]
     widths = [max(_width(row[i]) for row in rows) for i in range(len(_COLUMNS))]
@@ -280,7 +289,8 @@ def _last_error(error: Any, now: float) -> str:
 
 
 def _gateway(gateway: Any) -> str:
-    """``2 links: engine, research``: how many local links, and whose; ``-`` without a gateway."""
+    """``3 links: engine, research``: how many local links, and whose (each client once);
+    ``-`` without a gateway."""
     if gateway is None:
         return _NONE
     links = gateway.get("links") if isinstance(gateway, dict) else None
@@ -288,8 +298,10 @@ def _gateway(gateway: Any) -> str:
         return _UNREADABLE
     if gateway.get("listening") is False:
         return "not listening"
+    # A link that has not authenticated yet has no client id: counted, not named.
     clients = [link.get("client_id") for link in links if isinstance(link, dict)]
-    named = list(dict.fromkeys(clean(c) if isinstance(c, str) else _UNREADABLE for c in clients))
+    named = [clean(c) if isinstance(c, str) else _UNREADABLE for c in clients if c is not None]
+    named = list(dict.fromkeys(named))
     text = f"{len(links)} link{'' if len(links) == 1 else 's'}"
     return truncate(text + (": " + ", ".join(named) if named else ""), GATEWAY_WIDTH)
 
@@ -307,17 +319,28 @@ def _is_number(value: Any) -> bool:
 def _since(moment: Any, now: float) -> str:
     """How long before ``now`` an ISO timestamp of the document was; ``?`` if it is not one.
 
-    A moment after ``now`` (the keeper's clock ahead of this host's) shows as no time at all.
+    A moment after ``now`` (a clock stepped back) shows as no time at all.
     """
+    then = _timestamp(moment)
+    return _UNREADABLE if then is None else human(now - then)
+
+
+def _keeper_now(document: Mapping[str, Any], fallback: float) -> float:
+    keeper_now = _timestamp(document.get("now"))
+    return fallback if keeper_now is None else keeper_now
+
+
+def _timestamp(moment: Any) -> float | None:
+    """Epoch seconds of one of the document's ISO timestamps; None if it is not one."""
     if not isinstance(moment, str):
-        return _UNREADABLE
+        return None
     try:
         then = datetime.fromisoformat(moment)
     except ValueError:
-        return _UNREADABLE
+        return None
     if then.tzinfo is None:
-        return _UNREADABLE  # the keeper writes UTC with a Z; a naive time could be any zone
-    return human(now - then.timestamp())
+        return None  # the keeper writes UTC with a Z; a naive time could be any zone
+    return then.timestamp()
 
 
 def human(seconds: float) -> str:
