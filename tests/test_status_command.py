@@ -14,6 +14,7 @@ Everything the command printed is handed to the suite's leak check.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import random
@@ -35,7 +36,7 @@ from deribit_keeper import __version__, status_command
 from deribit_keeper import http as http_routes
 from deribit_keeper.cli import EX_CONFIG, main
 from deribit_keeper.config import AccountConfig, HttpConfig, Secret
-from deribit_keeper.session import SessionState
+from deribit_keeper.session import Session, SessionState
 from deribit_keeper.simulator import Simulator
 from deribit_keeper.status_command import (
     EX_NOT_READY,
@@ -61,6 +62,7 @@ from .test_cli import write_config
 from .test_http import http
 
 NOW = datetime(2025, 3, 14, 12, 0, 0, tzinfo=UTC).timestamp()
+HEADINGS = ("ACCOUNT", "STATE", "COD CONFIRMED", "QUIET", "RECONNECTS", "LAST ERROR", "GATEWAY")
 SGR = re.compile(r"\x1b\[[0-9;]*m")
 SHOWN: list[str] = []  # what the command printed in the current test
 
@@ -166,9 +168,9 @@ def test_the_table_has_a_summary_a_heading_and_one_aligned_row_per_account() -> 
         (3600, "1h00m"),
         (86399, "23h59m"),
         (86400 * 2 + 3600 * 4 + 59, "2d04h"),
-        (-5, "0.0s"),  # the keeper's clock ahead of this host's
+        (-5, "0.0s"),  # a clock stepped back
         (float("nan"), "?"),
-        (float("inf"), "11574074074d01h"),  # absurd, but a line, not a crash
+        (float("inf"), "11574074074d01h"),  # JSON's Infinity: absurd, but a cell, not a crash
     ],
 )
 def test_durations_read_humanly_and_are_never_rounded_up(seconds: float, shown: str) -> None:
@@ -248,7 +250,7 @@ def test_clean_replaces_each_steering_character_with_one_question_mark() -> None
 def column(lines: list[str], heading: str) -> list[str]:
     """A left-aligned column's cells, by where its heading starts (lines as ``render`` makes)."""
     start = lines[1].index(heading)
-    after = [lines[1].index(h) for h in status_command._COLUMNS if lines[1].index(h) > start]
+    after = [lines[1].index(h) for h in HEADINGS if lines[1].index(h) > start]
     end = min(after, default=None)
     return [line[start:end].rstrip() for line in lines[2:]]
 
@@ -290,7 +292,10 @@ def test_columns_stay_aligned_with_wide_and_combining_characters() -> None:
 
 
 def _display_column(line: str, word: str) -> int:
-    return status_command._width(line[: line.index(word)])
+    """The terminal column where ``word`` starts: wide characters take two, combining none."""
+    before = line[: line.index(word)]
+    wide = sum(unicodedata.east_asian_width(c) in ("W", "F") for c in before)
+    return len(before) + wide - sum(bool(unicodedata.combining(c)) for c in before)
 
 
 def test_colour_marks_the_state_word_only_and_never_shifts_a_column() -> None:
@@ -319,8 +324,9 @@ def test_colour_marks_the_state_word_only_and_never_shifts_a_column() -> None:
     }
 
 
-class _Stream:
+class _Stream(io.StringIO):
     def __init__(self, tty: bool) -> None:
+        super().__init__()
         self.tty = tty
 
     def isatty(self) -> bool:
@@ -341,7 +347,7 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(
     tty: bool, environ: dict[str, str], expected: bool
 ) -> None:
     """no-color.org's rule, and a dumb terminal."""
-    assert use_colour(_Stream(tty), environ) is expected  # type: ignore[arg-type]
+    assert use_colour(_Stream(tty), environ) is expected
 
 
 @pytest.mark.parametrize(
@@ -405,6 +411,7 @@ def test_a_url_is_a_base_to_which_status_is_added(url: str, target: Target) -> N
     ],
 )
 def test_a_malformed_url_is_refused_with_what_is_wrong(url: str, problem: str) -> None:
+    """Each refusal names the one thing wrong, for a one-line error."""
     with pytest.raises(ValueError, match=re.escape(problem)):
         parse_url(url)
 
@@ -448,7 +455,7 @@ async def start(nursery: trio.Nursery, keeper: Keeper) -> int:
     return keeper.http_port
 
 
-def _settled(session: Any) -> bool:
+def _settled(session: Session) -> bool:
     return bool(session.state is SessionState.READY or session.last_error is not None)
 
 

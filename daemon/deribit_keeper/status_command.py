@@ -226,7 +226,7 @@ def render(document: Mapping[str, Any], *, now: float, colour: bool = False) -> 
     accounts: Mapping[str, Mapping[str, Any]] = document["accounts"]
     rows = [_COLUMNS, *(_row(name, account, now) for name, account in accounts.items())]
     widths = [max(_width(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    lines = [summary(document, now=now)]
+    lines = [summary(document)]
     for number, row in enumerate(rows):
         cells = [
             _pad(cell, widths[i], right=_COLUMNS[i] in _RIGHT_ALIGNED) for i, cell in enumerate(row)
@@ -239,7 +239,7 @@ def render(document: Mapping[str, Any], *, now: float, colour: bool = False) -> 
     return lines
 
 
-def summary(document: Mapping[str, Any], *, now: float) -> str:
+def summary(document: Mapping[str, Any]) -> str:
     """``deribit-keeper 1.2.0, up 3h12m, shard 1/4: 2/3 ready``: what a glance needs first.
 
     Uptime and shard are shown when the document has them (``uptime_s``; ``shard``, null for a
@@ -409,7 +409,6 @@ def run(
     out: TextIO,
     err: TextIO,
     environ: Mapping[str, str],
-    timeout: float | None = None,
 ) -> int:
     """The whole command: fetch, check, print, and return the exit code.
 
@@ -419,7 +418,7 @@ def run(
     """
     try:
         target = where if isinstance(where, Target) else _target_of_url(where)
-        body = fetch(target, FETCH_TIMEOUT_S if timeout is None else timeout)
+        body = fetch(target, FETCH_TIMEOUT_S)  # read here, so a test can shorten it
         document = parse_document(body, target)
     except Unreachable as problem:
         _say(err, [f"deribit-keeper: status: {clean(str(problem))}"])
