@@ -17,6 +17,7 @@ from deribit_keeper.gateway import Gateway
 from deribit_keeper.http import (
     HEALTH_PATH,
     METRICS_PATH,
+    PAGE_PATH,
     READY_PATH,
     STATUS_PATH,
     StatusSource,
@@ -30,7 +31,7 @@ from deribit_keeper.simulator import Simulator
 from .conftest import SECRETS, SIM_ACCOUNTS, LogLines
 from .test_metrics import Changes, KeeperStub, open_link, start_keeper
 
-ROUTES = (HEALTH_PATH, READY_PATH, f"{READY_PATH}/main", STATUS_PATH, METRICS_PATH)
+ROUTES = (HEALTH_PATH, READY_PATH, f"{READY_PATH}/main", STATUS_PATH, METRICS_PATH, PAGE_PATH)
 
 
 @dataclass

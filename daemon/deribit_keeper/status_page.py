@@ -24,6 +24,7 @@ import html
 import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Final
 
 from .session import SessionState
@@ -55,20 +56,24 @@ h1{font-size:1.1rem;margin:0}
 .stale table{opacity:.55}
 table{border-collapse:collapse;margin:1rem 1.2rem;width:calc(100% - 2.4rem);background:#fff;
 box-shadow:0 0 0 1px #d0d7de}
-th,td{padding:.4rem .6rem;text-align:left;vertical-align:top;border-bottom:1px solid #d0d7de}
+th,td{padding:.4rem .6rem;text-align:left;vertical-align:top;border-bottom:1px solid #d0d7de;
+white-space:nowrap}
+td.gateway{white-space:normal}
 th{font-size:.72rem;text-transform:uppercase;letter-spacing:.05em;color:#57606a;background:#f6f8fa}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.name{font-weight:600}
 tr.bad td.name{box-shadow:inset 3px 0 #cf222e}
 tr.busy td.name{box-shadow:inset 3px 0 #bf8700}
 .badge{display:inline-block;padding:0 .55rem;border-radius:1rem;font-weight:600;white-space:nowrap}
-.ok{background:#dafbe1;color:#116329}
-.busy{background:#fff8c5;color:#7d4e00}
-.bad{background:#ffebe9;color:#a40e26}
-.off{background:#eaeef2;color:#57606a}
+.badge.ok{background:#dafbe1;color:#116329}
+.badge.busy{background:#fff8c5;color:#7d4e00}
+.badge.bad{background:#ffebe9;color:#a40e26}
+.badge.off{background:#eaeef2;color:#57606a}
+tr.bad{background:#fff5f5}
 header .badge{font-size:.9rem}
 .muted{color:#57606a;font-size:.85rem}
 ul{margin:0;padding:0;list-style:none}
+td.gateway li{font-size:.9rem}
 """
 
 # Mirrors the Python renderers below. `el` appends its children with DOM `append`, which makes
@@ -105,18 +110,19 @@ function header(doc) {
   return parts;
 }
 function link(l) {
-  const item = el("li", "", el("b", "", l.client_id || "unauthenticated"),
-    " \\u00b7 local COD " + (l.cod ? "on" : "off") + " \\u00b7 " + count(l.open_orders,
-    "open order") + " \\u00b7 " + count(l.subscriptions.length, "subscription"));
-  if (l.subscriptions.length) item.append(el("div", "muted", l.subscriptions.join(", ")));
-  return item;
+  const subscribed = l.subscriptions.length ? count(l.subscriptions.length, "subscription") +
+    ": " + l.subscriptions.join(", ") : "no subscriptions";
+  return el("li", "", el("b", "", l.client_id || "unauthenticated"), " \\u00b7 local COD " +
+    (l.cod ? "on" : "off") + " \\u00b7 " + count(l.open_orders, "open order"),
+    el("div", "muted", subscribed));
 }
 function gateway(g) {
   if (!g) return [el("span", "muted", DASH)];
   const items = g.links.map(link);
   for (const [client, n] of Object.entries(g.http_open_orders))
     items.push(el("li", "", el("b", "", client), " over HTTP \\u00b7 " + count(n, "open order")));
-  return [el("div", "muted", g.listening ? "port " + g.port : g.listen + " not listening"),
+  const where = g.listen.slice(0, g.listen.lastIndexOf(":")) + ":" + g.port;
+  return [el("div", "muted", g.listening ? "on " + where : g.listen + " not listening"),
     items.length ? el("ul", "", ...items) : el("div", "muted", "no local links")];
 }
 function row(name, a, now) {
@@ -223,6 +229,12 @@ def _since(now: str, at: str | None) -> float | None:
     return (datetime.fromisoformat(now) - datetime.fromisoformat(at)).total_seconds()
 
 
+def _tenths(seconds: float) -> str:
+    """``2.5 s``: ties round up, as the script's ``toFixed(1)`` does (``format`` rounds them to
+    even, so 1.25 would read 1.2 here and 1.3 after the first refresh)."""
+    return f"{Decimal(seconds).quantize(Decimal('0.1'), ROUND_HALF_UP)} s"
+
+
 def _count(n: int, what: str) -> str:
     return f"{n} {what}" + ("" if n == 1 else "s")
 
@@ -245,14 +257,18 @@ def _header(doc: Mapping[str, Any]) -> list[_Markup]:
 
 
 def _link(link: Mapping[str, Any]) -> _Markup:
-    subscriptions: list[str] = link["subscriptions"]
+    channels: list[str] = link["subscriptions"]
+    subscribed = (
+        f"{_count(len(channels), 'subscription')}: {', '.join(channels)}"
+        if channels
+        else "no subscriptions"
+    )
     text = (
         f" \u00b7 local COD {'on' if link['cod'] else 'off'} \u00b7 "
-        f"{_count(link['open_orders'], 'open order')} \u00b7 "
-        f"{_count(len(subscriptions), 'subscription')}"
+        f"{_count(link['open_orders'], 'open order')}"
     )
-    channels = [_el("div", "muted", ", ".join(subscriptions))] if subscriptions else []
-    return _el("li", "", _el("b", "", link["client_id"] or "unauthenticated"), text, *channels)
+    client = _el("b", "", link["client_id"] or "unauthenticated")
+    return _el("li", "", client, text, _el("div", "muted", subscribed))
 
 
 def _gateway(gateway: Mapping[str, Any] | None) -> list[_Markup]:
@@ -263,9 +279,9 @@ def _gateway(gateway: Mapping[str, Any] | None) -> list[_Markup]:
         items.append(
             _el("li", "", _el("b", "", client), f" over HTTP \u00b7 {_count(n, 'open order')}")
         )
-    where = (
-        f"port {gateway['port']}" if gateway["listening"] else f"{gateway['listen']} not listening"
-    )
+    # The configured address may say port 0; the bound port is what an engine dials.
+    bound = f"on {gateway['listen'].rpartition(':')[0]}:{gateway['port']}"
+    where = bound if gateway["listening"] else f"{gateway['listen']} not listening"
     links = _el("ul", "", *items) if items else _el("div", "muted", "no local links")
     return [_el("div", "muted", where), links]
 
@@ -290,7 +306,7 @@ def _row(name: str, account: Mapping[str, Any], now: str) -> _Markup:
         _el("td", "name", name),
         _el("td", "state", _el("span", f"badge {tone}", account["state"])),
         _el("td", "cod", _el("div", "", account["cod_scope"]), _el("div", "muted", cod)),
-        _el("td", "num quiet", DASH if quiet is None else f"{quiet:.1f} s"),
+        _el("td", "num quiet", DASH if quiet is None else _tenths(quiet)),
         _el("td", "num reconnects", str(account["reconnects"])),
         _el("td", "error", *errors),
         _el("td", "gateway", *_gateway(account["gateway"])),
@@ -305,7 +321,15 @@ def _rows(doc: Mapping[str, Any]) -> Iterable[_Markup]:
     return [_row(name, account, doc["now"]) for name, account in accounts.items()]
 
 
-_COLUMNS: Final = ("Account", "State", "COD", "Quiet", "Reconnects", "Last error", "Gateway links")
+_COLUMNS: Final = (
+    "Account",
+    "State",
+    "COD",
+    "Quiet for",
+    "Reconnects",
+    "Last error",
+    "Gateway links",
+)
 
 
 def render(doc: Mapping[str, Any]) -> bytes:
