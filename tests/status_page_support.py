@@ -270,9 +270,15 @@ class Page:
                     return event
             await self._event_seen.wait()
 
-    async def screenshot(self) -> bytes:
-        """A PNG of the viewport."""
-        result = await self.call("Page.captureScreenshot", format="png")
+    async def screenshot(self, below: str = "main") -> bytes:
+        """A PNG of the viewport's top, down to just below the element ``below`` (no blank
+        band under a short page)."""
+        bottom = await self.evaluate(
+            f"document.querySelector({below!r}).getBoundingClientRect().bottom"
+        )
+        height = min(WINDOW[1], int(bottom) + 16)
+        clip = {"x": 0, "y": 0, "width": WINDOW[0], "height": height, "scale": 1}
+        result = await self.call("Page.captureScreenshot", format="png", clip=clip)
         return base64.b64decode(result["data"])
 
     async def read(self) -> None:
@@ -291,7 +297,8 @@ class Page:
 
 @asynccontextmanager
 async def open_page(browser_url: str) -> AsyncIterator[Page]:
-    """A new tab of the browser at ``browser_url``, with the Page, Runtime and Log domains on."""
+    """A new tab of the browser at ``browser_url``, with the Page, Runtime and Log domains on
+    and a ``WINDOW``-sized viewport."""
     async with (
         open_websocket_url(browser_url, max_message_size=32 * 1024 * 1024) as ws,
         trio.open_nursery() as nursery,
@@ -305,6 +312,10 @@ async def open_page(browser_url: str) -> AsyncIterator[Page]:
         page.session_id = attached["sessionId"]
         for domain in ("Page", "Runtime", "Log"):
             await page.call(f"{domain}.enable")
+        # The viewport itself, not the window: a window's chrome differs between versions.
+        width, height = WINDOW
+        metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+        await page.call("Emulation.setDeviceMetricsOverride", **metrics)
         try:
             yield page
         finally:

@@ -306,7 +306,9 @@ async def test_a_browser_shows_every_account_and_sees_a_link_lost(
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     await trio.Path(tmp_path / "status-page.png").write_bytes(png)  # the test's artifact
     if os.environ.get("STATUS_PAGE_SCREENSHOT"):
-        await trio.Path(os.environ["STATUS_PAGE_SCREENSHOT"]).write_bytes(png)
+        wanted = trio.Path(os.environ["STATUS_PAGE_SCREENSHOT"])
+        await wanted.parent.mkdir(parents=True, exist_ok=True)
+        await wanted.write_bytes(png)
     print(f"status page: the lost link showed after {took:.1f} s; {tmp_path / 'status-page.png'}")
 
 

@@ -6,8 +6,9 @@ internet, so the page is one answer with everything inline: no assets, no framew
 
 It is rendered here from the same document ``/status`` serves, so the first view is complete
 even with script off or blocked; then a few lines of script fetch ``/status`` every 2 s and
-rebuild the header and the table with the same layout (``_SCRIPT`` mirrors ``_header`` and
-``_row``: change one, change the other).
+rebuild the header and the table with the same layout (``SCRIPT``'s functions mirror
+``_header``, ``_row`` and ``_gateway``: change one, change the other; a browser test checks
+that both read the same).
 
 Every value shown is data, never markup: an account name, an error reason or a channel is
 escaped here (``_el``), and the script only ever appends strings as DOM text nodes (never
