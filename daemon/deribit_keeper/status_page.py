@@ -31,6 +31,8 @@ from typing import Any, Final
 from .session import SessionState
 
 REFRESH_MS: Final = 2000  # how often the script re-fetches /status
+# The script fetches "status" relative to the page, so that behind a proxy serving the endpoint
+# under a prefix (/keeper/ -> /keeper/status) it still finds it; at / it is /status.
 CONTENT_TYPE: Final = "text/html; charset=utf-8"
 DASH: Final = "\u2014"  # shown where there is no value (no link, no error, no gateway)
 
@@ -152,7 +154,7 @@ function rows(doc) {
 let lastNow = null;
 async function refresh() {
   try {
-    const answer = await fetch("/status", {cache: "no-store", signal: AbortSignal.timeout(5000)});
+    const answer = await fetch("status", {cache: "no-store", signal: AbortSignal.timeout(5000)});
     if (!answer.ok) throw new Error("HTTP " + answer.status);
     const doc = await answer.json();
     document.title = "deribit-keeper: " + doc.ready + "/" + doc.total + " ready";
