@@ -11,7 +11,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from deribit_keeper.errors import RpcError, SessionLost
-from deribit_keeper.rpc import open_rpc_connection
+from deribit_keeper.rpc import Reply, open_rpc_connection
 
 Script = Callable[[WebSocketConnection], Awaitable[None]]
 
@@ -357,3 +357,39 @@ async def test_a_link_that_ends_releases_every_relayed_request(nursery: trio.Nur
                 await waiting.answer()
             await trio.sleep_forever()
     assert called == [None]
+
+
+async def test_a_notification_s_reply_is_sent_at_once_and_its_answer_handed_over(
+    nursery: trio.Nursery,
+) -> None:
+    """The reader sends the reply a notification asks for, and the answer reaches
+    ``on_answer``; an ``on_answer`` that raises SessionLost ends the link."""
+    order: list[str] = []
+
+    async def script(ws: WebSocketConnection) -> None:
+        await ws.send_message('{"jsonrpc": "2.0", "method": "ping", "params": {}}')
+        await ws.send_message('{"jsonrpc": "2.0", "method": "later", "params": {}}')
+        request = json.loads(await ws.get_message())
+        assert request["method"] == "public/test"
+        await ws.send_message(answer(request, "pong"))
+        await ws.send_message('{"jsonrpc": "2.0", "method": "ping", "params": {}}')
+        second = json.loads(await ws.get_message())
+        await ws.send_message(json.dumps({"jsonrpc": "2.0", "id": second["id"], "result": 1}))
+        await trio.sleep_forever()
+
+    def on_answer(message: dict[str, Any] | None) -> None:
+        assert message is not None
+        order.append(f"answer {message['result']}")
+        if message["result"] == 1:
+            raise SessionLost("test_refused", "the caller ends the link")
+
+    def on_notification(method: str, _params: Any) -> Reply | None:
+        order.append(method)
+        return Reply("public/test", {}, on_answer) if method == "ping" else None
+
+    url = await serve(nursery, script)
+    with pytest.raises(SessionLost) as caught, trio.fail_after(5):
+        async with open_rpc_connection(url, request_timeout=5, on_notification=on_notification):
+            await trio.sleep_forever()
+    assert caught.value.reason == "test_refused"
+    assert order == ["ping", "later", "answer pong", "ping", "answer 1"]

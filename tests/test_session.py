@@ -626,3 +626,53 @@ async def test_not_ready_the_moment_the_link_dies(
     await sim.drop(sim.connections[0], abrupt=True)
     await until_state(session, SessionState.BACKOFF)
     assert readiness[:2] == [("session.lost", False), ("session.retry", False)]
+
+
+async def test_a_public_test_left_unanswered_ends_the_link_at_request_timeout(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+) -> None:
+    """The reader sends each test_request's public/test itself; an answer that does not come
+    within request_timeout ends the link then, long before the silence rule would."""
+    session = start(nursery, sim, request_timeout=5)
+    await until_state(session, SessionState.READY)
+    conn = sim.connections[0]
+    sim.delay_next("public/test", 600)
+    asked = conn.methods().count("public/test")
+    with trio.fail_after(60):
+        await sim.wait_for(lambda: conn.methods().count("public/test") > asked)
+        asked_at = trio.current_time()
+        await sim.wait_for(lambda: not conn.open)
+    assert trio.current_time() - asked_at == pytest.approx(5, abs=0.05)
+    await until_state(session, SessionState.BACKOFF)
+    (lost,) = log_lines.events("session.lost")
+    assert lost["reason"] == "request_timeout" and "public/test" in lost["detail"]
+
+
+async def test_silence_during_a_cod_check_is_a_dead_link_whatever_the_request_timeout(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+) -> None:
+    """A link that falls silent while a COD check waits for its answer is dead 1.2 intervals
+    after its last frame, even when request_timeout is far longer."""
+    session = start(nursery, sim, request_timeout=60, cod_check_interval=30)
+    await until_state(session, SessionState.READY)
+    conn = sim.connections[0]
+    checks = conn.methods().count("private/get_cancel_on_disconnect")
+    sim.delay_next("private/get_cancel_on_disconnect", 600)
+    with trio.fail_after(120):
+        await sim.wait_for(
+            lambda: conn.methods().count("private/get_cancel_on_disconnect") > checks
+        )
+        sim.go_silent(conn)
+        assert session.rpc is not None
+        last_frame = session.rpc.last_inbound
+        await sim.wait_for(lambda: not conn.open)
+    assert trio.current_time() - last_frame == pytest.approx(silence_limit(10), abs=0.05)
+    await until_state(session, SessionState.BACKOFF)
+    (lost,) = log_lines.events("session.lost")
+    assert lost["reason"] == "heartbeat_silence"

@@ -2,8 +2,9 @@
 
 The transport knows no lifecycle: nothing here knows what COD, a heartbeat or a session is. It
 matches answers to requests by id (several may be in flight, answered in any order), bounds every
-wait, hands notifications to the caller, and remembers when the last frame arrived so that a silent
-link can be noticed (``silence_watchdog``).
+wait, hands notifications to the caller (who may ask for a request in reply, sent by the reader at
+once), and remembers when the last frame arrived so that a silent link can be noticed
+(``silence_watchdog``).
 
 This is the one module that catches trio-websocket's and the OS's exceptions: each leaves as a
 ``SessionLost`` whose ``reason`` slug names the cause, with the original as ``__cause__``.
@@ -13,11 +14,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from functools import cache
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 from urllib.parse import urlsplit
 
 import h11
@@ -37,7 +39,6 @@ CLOSE_TIMEOUT_S: Final = 1.0  # a polite close waits this long for the server's 
 NORMAL_CLOSURE: Final = 1000  # RFC 6455 close code
 MESSAGE_TOO_BIG: Final = 1009  # RFC 6455: trio-websocket closes with it on a frame over its limit
 
-OnNotification = Callable[[str, Any], None]
 OnRequest = Callable[[str, float], None]
 Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
@@ -49,6 +50,25 @@ def _default_ssl_context() -> ssl.SSLContext:
 
 
 OnAnswer = Callable[[dict[str, Any] | None], None]  # a relayed answer, or None: the link ended
+
+
+class Reply(NamedTuple):
+    """A request that a notification calls for, sent by the reader before it reads on.
+
+    Sending it from the reader, rather than from a task started for it, is what a heartbeat's
+    test_request wants: the answer leaves as soon as the frame is read, in order, and costs no
+    task, no event and no waiting coroutine per notification. ``on_answer`` is told the answer
+    (or None if the link ends first) from the reader; unlike a relay's, it may raise
+    ``SessionLost`` to end the link, as a frame the link cannot read would. Its answer is
+    bounded by ``request_timeout`` like a ``call``'s: the reader ends the link when one is late.
+    """
+
+    method: str
+    params: Mapping[str, Any]
+    on_answer: OnAnswer
+
+
+OnNotification = Callable[[str, Any], Reply | None]
 
 
 class _Pending:
@@ -129,6 +149,10 @@ class RpcConnection:
         self._pending: dict[int, _Pending] = {}
         self.last_inbound = trio.current_time()
         self._watchdogs: list[tuple[trio.CancelScope, float]] = []  # (scope, silence limit)
+        # Replies sent and not yet answered, by id: (sent at, method). The reader runs inside
+        # ``_replies_due``, whose deadline is the oldest one's sent time + request_timeout.
+        self._replies: dict[int, tuple[float, str]] = {}
+        self._replies_due = trio.CancelScope()
         self._closing = False  # we started the end of this link: a close is expected, not a loss
         self._rate_limited = False  # an answer said 10028: Deribit is about to close the link
         self._spoiled: SessionLost | None = None  # a bad frame came while we were closing
@@ -165,7 +189,7 @@ class RpcConnection:
             raise SessionLost("connection_closed", f"{method} unanswered: the link ended")
         if self._on_request is not None:
             self._on_request(method, trio.current_time() - sent_at)
-        return _result_of(method, pending.message)
+        return result_of(method, pending.message)
 
     async def send_relayed(
         self, method: str, params: Mapping[str, Any], on_answer: OnAnswer | None = None
@@ -229,7 +253,7 @@ class RpcConnection:
         if self._spoiled is not None:
             raise self._spoiled  # a bad frame, not the server's close, ended the link
         if pending.message is not None and not self._closed.is_set():
-            _result_of(method, pending.message)  # raises RpcError for an error answer
+            result_of(method, pending.message)  # raises RpcError for an error answer
         return self._closed.is_set()
 
     @contextmanager
@@ -267,10 +291,21 @@ class RpcConnection:
             raise self._lost(exc) from exc
 
     async def _read_frames(self) -> None:
-        """Read frames until the link ends; raise ``SessionLost`` unless we ended it."""
+        """Read frames until the link ends; raise ``SessionLost`` unless we ended it.
+
+        A notification's ``Reply`` is sent before the next frame is read: while that send
+        waits (the socket's buffer is full), nothing is read, and the silence watchdog, not
+        an ever-growing queue, decides what a link that stopped reading our frames means.
+        """
         try:
-            while True:
-                self._dispatch(await self._ws.get_message())
+            with self._replies_due:
+                while True:
+                    reply = self._dispatch(await self._ws.get_message())
+                    if reply is not None:
+                        await self._send_reply(reply)
+            if not self._closing:
+                raise self._reply_overdue()
+            self._end()
         except ConnectionClosed as exc:
             if not self._closing:
                 self._end()
@@ -284,6 +319,29 @@ class RpcConnection:
             # Ending the link already: stop reading, and let a logout say it went wrong.
             self._spoiled = lost
             self._end()
+
+    async def _send_reply(self, reply: Reply) -> None:
+        request_id = next(self._ids)
+        sent_at = trio.current_time()
+        self._pending[request_id] = _Pending(reply.on_answer)
+        self._replies[request_id] = (sent_at, reply.method)
+        due = sent_at + self.request_timeout
+        self._replies_due.deadline = min(self._replies_due.deadline, due)
+        await self._send({"jsonrpc": "2.0", "id": request_id, "method": reply.method,
+                          "params": dict(reply.params)})  # fmt: skip
+
+    def _replied(self, request_id: int) -> None:
+        """A reply's answer came: time it, and bound the reader by the next oldest one."""
+        sent_at, method = self._replies.pop(request_id)
+        oldest = min((sent for sent, _ in self._replies.values()), default=math.inf)
+        self._replies_due.deadline = oldest + self.request_timeout
+        if self._on_request is not None:
+            self._on_request(method, trio.current_time() - sent_at)
+
+    def _reply_overdue(self) -> SessionLost:
+        _, method = min(self._replies.values())
+        limit = self.request_timeout
+        return SessionLost("request_timeout", f"{method} unanswered after {limit:g}s")
 
     def _lost(self, exc: ConnectionClosed) -> SessionLost:
         """What the close means: after a 10028 answer (a relayed one, say), a rate limit."""
@@ -302,8 +360,9 @@ class RpcConnection:
             else:
                 pending.answered.set()
 
-    def _dispatch(self, frame: str | bytes) -> None:
-        """Route one frame: an answer to its request, a notification to the caller."""
+    def _dispatch(self, frame: str | bytes) -> Reply | None:
+        """Route one frame: an answer to its request, a notification to the caller; return
+        the request the notification calls for, if any."""
         now = self.last_inbound = trio.current_time()
         for scope, limit in self._watchdogs:
             scope.deadline = now + limit
@@ -317,15 +376,15 @@ class RpcConnection:
         request_id = message.get("id")
         if request_id is not None:
             self._answer(request_id, message)
-        elif isinstance(method := message.get("method"), str):
-            self._on_notification(method, message.get("params"))
-        elif "error" in message:
+            return None
+        if isinstance(method := message.get("method"), str):
+            return self._on_notification(method, message.get("params"))
+        if "error" in message:
             code, text = _error_fields(message["error"])
             raise SessionLost(
                 "request_rejected", f"Deribit could not read a request: {code} {text}"
             )
-        else:
-            raise SessionLost("malformed_frame", "neither an answer nor a notification")
+        raise SessionLost("malformed_frame", "neither an answer nor a notification")
 
     def _answer(self, request_id: object, message: dict[str, Any]) -> None:
         if "error" in message and _error_fields(message["error"])[0] == ErrorCode.TOO_MANY_REQUESTS:
@@ -338,6 +397,8 @@ class RpcConnection:
             return
         if pending.on_answer is not None:
             del self._pending[request_id]
+            if request_id in self._replies:
+                self._replied(request_id)
             pending.on_answer(message)
             return
         pending.message = message
@@ -361,7 +422,13 @@ async def _set_when(event: trio.Event, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-def _result_of(method: str, message: dict[str, Any]) -> Any:
+def result_of(method: str, message: dict[str, Any]) -> Any:
+    """The ``result`` of an answer to ``method``.
+
+    Raises:
+        RpcError: the answer is an error object.
+        SessionLost: the answer is malformed (``malformed_frame``).
+    """
     if "error" in message:
         code, text = _error_fields(message["error"])
         if code is None:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from enum import Enum
+from functools import partial
 from typing import Any, Final
 
 import trio
@@ -34,7 +35,7 @@ from .errors import DeadLink, NotReady, RpcError, SessionLost
 from .logs import get_logger
 from .pacer import ConnectPacer
 from .protocol import ErrorCode
-from .rpc import OnAnswer, Relayed, RpcConnection, open_rpc_connection
+from .rpc import OnAnswer, Relayed, Reply, RpcConnection, open_rpc_connection, result_of
 
 Observer = Callable[["Session", str, Mapping[str, Any]], None]
 Listener = Callable[[str, Any], None]  # (method, params) of a notification other than heartbeat
@@ -165,7 +166,6 @@ class Session:
         self._shutdown_mode: ShutdownMode = account.on_shutdown
         self.stopped = trio.Event()  # set once run() has returned
         self._scope = trio.CancelScope()
-        self._tasks: trio.Nursery | None = None
         self._cancel_all_first = cancel_all_first
         self._cod_confirmed_once = False  # a reconnect then reads the account setting first
         self._cod_guard = CodGuard(
@@ -341,25 +341,21 @@ class Session:
     async def _connect_and_serve(self) -> None:
         self._enter(SessionState.CONNECTING, url=self.account.url)
         started = trio.current_time()
-        async with (
-            open_rpc_connection(
-                self.account.url,
-                request_timeout=self.account.request_timeout,
-                on_notification=self._on_notification,
-                ssl_context=self._ssl_context,
-                on_request=self._request_timed,
-            ) as rpc,
-            trio.open_nursery() as tasks,
-        ):
-            self.rpc, self._tasks = rpc, tasks
+        async with open_rpc_connection(
+            self.account.url,
+            request_timeout=self.account.request_timeout,
+            on_notification=self._on_notification,
+            ssl_context=self._ssl_context,
+            on_request=self._request_timed,
+        ) as rpc:
+            self.rpc = rpc
             self.connected_since = self._wall_clock()
             try:
                 token = await self._set_up(rpc, started)
                 await self._serve(rpc, token)
             finally:
-                self.rpc = self._tasks = None
+                self.rpc = None
                 self.connected_since = self.cod_confirmed_at = None
-            tasks.cancel_scope.cancel()
 
     async def _set_up(self, rpc: RpcConnection, started: float) -> auth.Token:
         account = self.account
@@ -398,15 +394,10 @@ class Session:
         if self._stop_requested.is_set():
             upkeep.cancel()
         try:
-            with (
-                rpc.silence_watchdog(silence_limit(self.account.heartbeat_interval)) as watchdog,
-                upkeep,
-            ):
+            with upkeep:
                 await self._keep_up(rpc, token)
         finally:
             self._upkeep = None
-        if watchdog.cancelled_caught:
-            raise DeadLink(trio.current_time() - rpc.last_inbound)
         self._enter(SessionState.STOPPING, on_shutdown=self._shutdown_mode)
         if self._shutdown_mode == "logout":
             await self._log_out(rpc)
@@ -438,26 +429,27 @@ class Session:
         except Exception:  # noqa: BLE001 (metrics must never end a session)
             self._log.exception(events.SESSION_OBSERVER_FAILED, observed="request")
 
-    def _on_notification(self, method: str, params: Any) -> None:
-        """Answer a test_request at once; hand every other notification to the listeners."""
+    def _on_notification(self, method: str, params: Any) -> Reply | None:
+        """Answer a test_request at once (the reader sends the ``public/test``); hand every
+        other notification to the listeners."""
         if method != "heartbeat":
             for listener in self._listeners:
                 try:
                     listener(method, params)
                 except Exception:  # noqa: BLE001 (a gateway's bug must not end the link)
                     self._log.exception(events.SESSION_OBSERVER_FAILED, observed=method)
-            return
-        if not isinstance(params, dict):
-            return
-        if params.get("type") == "test_request" and self._tasks and self.rpc is not None:
-            self._tasks.start_soon(self._answer_test_request, self.rpc)
+            return None
+        if not isinstance(params, dict) or params.get("type") != "test_request":
+            return None
+        return Reply("public/test", {}, partial(self._test_request_answered, trio.current_time()))
 
-    async def _answer_test_request(self, rpc: RpcConnection) -> None:
-        """Send ``public/test``. Deribit counts the request itself as the answer, so an error
-        reply still proves the link alive: it is logged, and only a rate limit ends the link."""
-        asked = trio.current_time()
+    def _test_request_answered(self, asked: float, answer: dict[str, Any] | None) -> None:
+        """Deribit counts the ``public/test`` itself as the answer, so an error reply still
+        proves the link alive: it is logged, and only a rate limit ends the link."""
+        if answer is None:
+            return  # the link ended first
         try:
-            await rpc.call("public/test")
+            result_of("public/test", answer)
         except RpcError as refused:
             if refused.code == ErrorCode.TOO_MANY_REQUESTS:
                 raise
@@ -472,29 +464,35 @@ class Session:
 
     async def _keep_up(self, rpc: RpcConnection, token: auth.Token) -> None:
         """Refresh the token when due and check COD every ``cod_check_interval``, until
-        cancelled (``stop()``, or the silence watchdog).
+        cancelled (``stop()``); raise ``DeadLink`` if Deribit falls silent.
 
-        Both in this one task, one after the other: a task each would cost memory on every
+        All in this one task, one after the other: a task each would cost memory on every
         session for two sleeps, and the guard relies on a refresh's reading never running
         beside a check. The next check is due one interval after the last one ended; the first
         comes after a random half to whole interval, so that accounts ready together (a start,
         a mass reconnect) do not check COD together every interval for ever: 1,000 checks in
         the same two seconds each minute were the bench's worst test_request answers.
+
+        One silence watchdog at a time: the quiet one (a probe is due) while sleeping, the
+        dead-link one while asking; every inbound frame moves one deadline, not two.
         """
         quiet = quiet_limit(self.account.heartbeat_interval)
+        silence = silence_limit(self.account.heartbeat_interval)
         first = self._cod_guard.interval * self._rng.uniform(0.5, 1.0)
         next_check = trio.current_time() + first
         while True:
             with rpc.silence_watchdog(quiet) as quieted:
                 await trio.sleep_until(min(token.refresh_at, next_check))
-            if quieted.cancelled_caught:
-                await self._probe(rpc)
-                continue
-            if trio.current_time() >= token.refresh_at:
-                token = await self._refresh_token(rpc, token)
-            if trio.current_time() >= next_check:
-                await self._cod_guard.check(rpc)
-                next_check = trio.current_time() + self._cod_guard.interval
+            with rpc.silence_watchdog(silence) as dead:
+                if quieted.cancelled_caught:
+                    await self._probe(rpc)
+                if trio.current_time() >= token.refresh_at:
+                    token = await self._refresh_token(rpc, token)
+                if trio.current_time() >= next_check:
+                    await self._cod_guard.check(rpc)
+                    next_check = trio.current_time() + self._cod_guard.interval
+            if dead.cancelled_caught:
+                raise DeadLink(trio.current_time() - rpc.last_inbound)
 
     async def _probe(self, rpc: RpcConnection) -> None:
         """Ask a quiet link whether it is alive (``public/test``); the silence watchdog
