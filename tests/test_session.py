@@ -12,7 +12,8 @@ import pytest
 import trio
 import trio.testing
 
-from deribit_keeper.config import BackoffConfig, Secret
+from deribit_keeper import logs
+from deribit_keeper.config import BackoffConfig, LogConfig, Secret
 from deribit_keeper.protocol import ErrorCode
 from deribit_keeper.session import Session, SessionState, silence_limit
 from deribit_keeper.simulator import SimConnection, Simulator
@@ -159,6 +160,26 @@ async def test_every_test_request_is_answered_for_an_hour(
     assert conn.test_requests_sent == 360
     assert conn.test_requests_answered == conn.test_requests_sent
     assert session.test_requests_answered == conn.test_requests_answered
+
+
+async def test_each_answered_test_request_is_logged_at_debug_only(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    sim: Simulator,
+    log_lines: LogLines,
+) -> None:
+    """At debug every answer is a line with its latency; at info there is none, and the
+    count (which metrics show) goes on."""
+    session = start(nursery, sim)
+    await until_state(session, SessionState.READY)
+    await trio.sleep(35)
+    answered = log_lines.events("session.test_request_answered")
+    assert len(answered) == session.test_requests_answered == 3
+    assert all(isinstance(line["latency_ms"], float) for line in answered)
+    logs.configure(LogConfig(level="info", format="json"), stream=log_lines.stream)
+    await trio.sleep(30)
+    assert session.test_requests_answered == 6
+    assert len(log_lines.events("session.test_request_answered")) == 3
 
 
 async def test_token_is_refreshed_before_it_expires_on_the_same_connection(
@@ -533,7 +554,6 @@ async def test_snapshot_and_observers_follow_the_lifecycle(
     again = session.snapshot()
     assert again["reconnects"] == 1 and again["last_error"]["reason"] == "connection_dropped"
     assert ("session.ready", "ready") in seen and ("session.retry", "backoff") in seen
-    assert ("session.test_request_answered", "ready") in seen
     assert ("session.lost", "lost") in seen and ("session.ready", "ready") in seen
     assert timed[:5] == SETUP and "public/test" in timed
 

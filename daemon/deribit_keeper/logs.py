@@ -60,6 +60,17 @@ def redact_secrets(
 
 _current: LogConfig | None = None
 _stream: TextIO | None = None
+_threshold = logging.NOTSET  # the configured level: every level passes until ``configure``
+
+
+def enabled(level: int) -> bool:
+    """Whether an event at ``level`` would be written.
+
+    For the hot paths (a heartbeat's answer, a relayed request) that would otherwise build an
+    event only for structlog to drop it: its lazy logger resolves the configuration at every
+    call, which costs more than the rest of answering a test_request.
+    """
+    return level >= _threshold
 
 
 def current() -> LogConfig | None:
@@ -74,8 +85,9 @@ def configure(log: LogConfig, stream: TextIO | None = None) -> None:
     Without ``stream`` a reconfiguration keeps writing where the previous one did (stdout at
     first).
     """
-    global _current, _stream
+    global _current, _stream, _threshold
     _current, _stream = log, stream if stream is not None else _stream
+    _threshold = logging.getLevelNamesMapping()[log.level.upper()]
     renderer: structlog.types.Processor
     if log.format == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
@@ -91,9 +103,7 @@ def configure(log: LogConfig, stream: TextIO | None = None) -> None:
             redact_secrets,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[log.level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(_threshold),
         logger_factory=structlog.PrintLoggerFactory(_stream if _stream is not None else sys.stdout),
         cache_logger_on_first_use=False,
     )

@@ -71,13 +71,12 @@ class _LinksCollector(Collector):
 class _Tally:
     """One account's counters, bumped by its session's events and rendered at scrape time."""
 
-    __slots__ = ("cod_drift", "lost_reason", "reconnects", "refreshes", "session", "test_requests")
+    __slots__ = ("cod_drift", "lost_reason", "reconnects", "refreshes", "session")
 
     def __init__(self, session: Session) -> None:
         self.session = session
         self.reconnects: dict[str, int] = {}  # by the reason the link was lost
         self.lost_reason = UNKNOWN_REASON  # from session.lost until its session.retry
-        self.test_requests = 0
         self.refreshes = 0
         # counters show 0 before their first event
         self.cod_drift = dict.fromkeys(guarded_scopes(session.account.cancel_on_disconnect), 0)
@@ -165,7 +164,7 @@ class _AccountsCollector(Collector):
             cod.add_metric([name, session.account.cancel_on_disconnect], is_ready)
             for reason, count in tally.reconnects.items():
                 reconnects.add_metric([name, reason], count)
-            tests.add_metric([name], tally.test_requests)
+            tests.add_metric([name], session.test_requests_answered)
             for scope, count in tally.cod_drift.items():
                 drift.add_metric([name, scope], count)
             refreshes.add_metric([name], tally.refreshes)
@@ -213,6 +212,9 @@ class KeeperMetrics:
             buckets=REQUEST_BUCKETS_S,
             registry=r,
         )
+        # Each method's series, as ``labels()`` gives it only after a lock and a validation:
+        # on_request runs for every test_request answered. The keeper's own methods: a few.
+        self._request_series: dict[str, Histogram] = {}
         self._setup = Histogram(
             "deribit_keeper_session_setup_duration_seconds",
             "Time from starting to connect to ready (COD confirmed, heartbeat set)",
@@ -322,7 +324,10 @@ class KeeperMetrics:
 
     def on_request(self, method: str, seconds: float) -> None:
         """Record one answered request; the hook the Keeper passes to every Session."""
-        self._requests.labels(method).observe(seconds)
+        series = self._request_series.get(method)
+        if series is None:
+            series = self._request_series[method] = self._requests.labels(method)
+        series.observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type. Call it from the Trio loop."""
@@ -345,7 +350,5 @@ class KeeperMetrics:
         elif event == events.SESSION_COD_DRIFT:
             scope = str(fields.get("scope", UNKNOWN_REASON))
             tally.cod_drift[scope] = tally.cod_drift.get(scope, 0) + 1
-        elif event == events.SESSION_TEST_REQUEST_ANSWERED:
-            tally.test_requests += 1
         elif event == events.SESSION_TOKEN_REFRESHED:
             tally.refreshes += 1
