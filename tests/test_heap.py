@@ -17,6 +17,8 @@ import pytest
 import trio
 import trio.testing
 
+from deribit_keeper.config import Secret
+from deribit_keeper.heap import OWED_AT_MOST_S
 from deribit_keeper.session import SessionState
 from deribit_keeper.simulator import Simulator
 from deribit_keeper.supervisor import Keeper
@@ -107,3 +109,63 @@ async def test_what_was_frozen_and_became_cyclic_garbage_is_freed_at_the_next_re
     await reconnect()
     assert freed() is None
     assert gc.get_freeze_count() > 0
+
+
+async def test_after_a_mass_disconnect_the_full_pass_waits_until_every_account_is_ready(
+    keeper: Keeper, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The full pass a reconnect owes stops every set-up while it runs: paid at the first
+    ready of a storm, it bunched the rest (the pacer's slots that fell due meanwhile all
+    started at once). It comes once every account is ready again, and still frees the dead
+    links' cycles."""
+    passes: list[list[bool]] = []
+    collect = gc.collect
+
+    def full_pass(*args: int) -> int:
+        passes.append([s.ready for s in keeper.sessions.values()])
+        return collect(*args)
+
+    monkeypatch.setattr(gc, "collect", full_pass)
+    node = Node()
+    dead = [upstream(sim, "main"), upstream(sim, "hedge")]
+    for conn in dead:
+        await sim.drop(conn, abrupt=True)
+    await until(keeper, lambda: all(s.ready for s in keeper.sessions.values()))
+    freed = weakref.ref(node)
+    del node  # frozen alive at the first ready: garbage in a cycle now, as a dead link is
+    for conn in [upstream(sim, "main"), upstream(sim, "hedge")]:
+        await sim.drop(conn, abrupt=True)
+    await until(keeper, lambda: all(s.ready for s in keeper.sessions.values()))
+    assert passes == [[True, True], [True, True]]
+    assert freed() is None and gc.get_freeze_count() > 0
+
+
+async def test_an_account_that_never_gets_ready_does_not_keep_the_garbage_for_ever(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, sim: Simulator
+) -> None:
+    """With one account refused for good, 'every account ready' never comes: the owed pass
+    is paid at the first ready ``OWED_AT_MOST_S`` after the loss instead."""
+    wrong = account_config(sim, "hedge", client_secret=Secret("not-the-secret"))
+    keeper = Keeper(
+        keeper_config(account_config(sim, "main"), wrong), rng=random.Random(7), freeze_heap=True
+    )
+    try:
+        await nursery.start(partial(keeper.run, handle_signals=False))
+        session = keeper.sessions["main"]
+        await until(keeper, lambda: session.ready)
+
+        async def reconnect() -> None:
+            before = upstream(sim, "main")
+            await sim.drop(before, abrupt=True)
+            await until(keeper, lambda: session.ready and upstream(sim, "main") is not before)
+
+        node = Node()
+        await reconnect()  # owed from here; frozen alive, as a link's objects are
+        freed = weakref.ref(node)
+        del node
+        await trio.sleep(OWED_AT_MOST_S)
+        await reconnect()
+        assert freed() is None
+        assert not keeper.sessions["hedge"].ready
+    finally:
+        gc.unfreeze()

@@ -12,10 +12,17 @@ ready, when what it made for its link is what the link will keep, and unfreezes 
 loses its link or stops: the dead link's objects, some of them in reference cycles, must be
 collectable again, or every reconnect would leak them. Frozen objects are still freed by
 reference counting; only cycles among them wait for the next unfreeze. Both calls are cheap
-(lists spliced, nothing walked); but the next freeze after an unfreeze first runs a full pass,
-since a reconnect is often quicker than the collector's own next one, and the dead link's
-cycles would be frozen again. That pass comes as a session gets ready, when a pause of a
-fraction of a second delays nothing that has a deadline shorter than a heartbeat interval.
+(lists spliced, nothing walked).
+
+A reconnect is often quicker than the collector's own next full pass, so the dead link's cycles
+would be frozen again with the new link: the keeper owes a full pass from the first loss on,
+and pays it at a ready. Not at the first one: after a mass disconnect that pass (a quarter of a
+second at 1,000 sessions) stopped every set-up in the middle of the storm, and the pacer's
+slots that fell due meanwhile all started at once after it (the bench's reset put 77% of the
+auths in one second). It is paid once every account is ready again, when a pause delays no
+set-up, or at the first ready ``OWED_AT_MOST_S`` after the loss, so that an account that never
+gets ready (a wrong key) cannot make the garbage wait for ever. Freezing meanwhile is harmless:
+the pass unfreezes first.
 """
 
 from __future__ import annotations
@@ -23,10 +30,14 @@ from __future__ import annotations
 import gc
 from typing import Final
 
+import trio
+
 from . import events
 
 # A link's end, or a session's (a reload removed its account): their objects go to garbage.
 _RELEASING: Final = frozenset({events.SESSION_LOST, events.SESSION_STOPPED})
+# The longest a full pass waits for every account to be ready, after a loss, in seconds.
+OWED_AT_MOST_S: Final = 5.0
 
 
 class HeapFreezer:
@@ -39,28 +50,32 @@ class HeapFreezer:
     def __init__(self, *, enabled: bool) -> None:
         self.enabled = enabled
         self.frozen = False
-        self._thawed = False  # since the last full pass: what was frozen may be garbage now
+        self._owed_since: float | None = None  # Trio time of the first loss since a full pass
 
-    def session_changed(self, event: str) -> None:
-        """Called after every session event."""
+    def session_changed(self, event: str, *, all_ready: bool) -> None:
+        """Called after every session event; ``all_ready``: every account is ready now."""
         if not self.enabled:
             return
         if event in _RELEASING:
             self.thaw()
         elif event == events.SESSION_READY:
-            self.freeze()
+            self.freeze(all_ready=all_ready)
 
-    def freeze(self) -> None:
-        """Keep what is alive now out of the collector's passes."""
-        if self._thawed:
+    def freeze(self, *, all_ready: bool) -> None:
+        """Keep what is alive now out of the collector's passes, after the full pass a loss
+        left owing if every account is ready or it has waited long enough."""
+        owed = self._owed_since
+        if owed is not None and (all_ready or trio.current_time() - owed >= OWED_AT_MOST_S):
+            gc.unfreeze()  # what an earlier ready froze meanwhile may hold the garbage
             gc.collect()
-            self._thawed = False
+            self._owed_since = None
         gc.freeze()
         self.frozen = True
 
     def thaw(self) -> None:
-        """Hand everything back to the collector."""
+        """Hand everything back to the collector, and owe it a full pass."""
         if self.frozen:
             gc.unfreeze()
             self.frozen = False
-            self._thawed = True
+        if self._owed_since is None:
+            self._owed_since = trio.current_time()

@@ -293,7 +293,8 @@ class Keeper:
                 last = line
 
     def _state_changed(self, _session: Session, event: str, _fields: Mapping[str, Any]) -> None:
-        self._heap.session_changed(event)
+        all_ready = event == events.SESSION_READY and all(s.ready for s in self.sessions.values())
+        self._heap.session_changed(event, all_ready=all_ready)
         if event in _STATE_EVENTS:
             try:
                 self._status_changed.send_nowait(None)
