@@ -13,9 +13,13 @@ simulator: start until all N are ready; settle; an idle window with heartbeats s
 (CPU, RSS at its end, answer latencies). At the largest N, then: every heartbeat bunched into
 the same instant for a few intervals (the burst); for the keeper, links falling silent right
 after a test_request and right after the answer to public/test (dead-link detection); and the
-simulator resetting every link (until all ready again, and how the auth attempts spread). Then
-the gateway figures (gateway_roundtrip.py, pinned). ``--runs`` repeats it all; each figure is
-reported as the median with the spread of the runs.
+simulator resetting every link (until all ready again, and how the auth attempts spread). Then,
+at the largest N, the floor and the keeper side by side: both at once on the measured core, each
+against a simulator of its own, their idle CPU over one window, which is what the CPU figures
+compare (this VM's speed drifts by a fifth from one minute to the next, and the two sides
+measured one after the other drifted with it; in one window the drift cancels out of their
+ratio). Then the gateway figures (gateway_roundtrip.py, pinned). ``--runs`` repeats it all;
+each figure is reported as the median with the spread of the runs.
 
 Then, unless ``--no-profile``, the profile: py-spy (if installed) on the keeper at the largest
 N at start, idle, under the burst and through a reset, and tracemalloc snapshots of the keeper
@@ -71,6 +75,7 @@ GATEWAY_P50_US: Final = 150.0
 GATEWAY_P99_US: Final = 1000.0
 GATEWAY_RPS: Final = 5000.0
 SILENCE_WHERE: Final = ("after_test_request", "after_test_answer")
+SIDES: Final = ("floor", "keeper")
 
 
 # ---- the processes ----------------------------------------------------------------------
@@ -241,6 +246,41 @@ def measure_side(side: str, accounts: int, settings: Settings, *, largest: bool)
     return result
 
 
+def measure_together(accounts: int, settings: Settings) -> dict[str, dict[str, float]]:
+    """Idle CPU of the floor and the keeper over one window, both running at once on the
+    measured core, each against a simulator of its own on the load core: per side, the
+    measured process's % and its simulator's."""
+    load_core, measured_core = cores()
+    sims: dict[str, Sim] = {}
+    clients: dict[str, subprocess.Popen[bytes]] = {}
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "log", "wb") as log:
+        try:
+            for side in SIDES:
+                sims[side] = sim = Sim(accounts, load_core)
+                home = Path(tmp) / side
+                home.mkdir()
+                command = client_command(
+                    side, sim, accounts, settings.interval, home,
+                    cod_check_interval=settings.cod_check_interval,
+                )  # fmt: skip
+                clients[side] = start_client(command, measured_core, log)
+            for side, sim in sims.items():
+                if not sim.cmd("wait_ready", n=accounts, timeout=READY_TIMEOUT_S)["ok"]:
+                    raise RuntimeError(f"{side}, side by side: not all {accounts} ready")
+            time.sleep(SETTLE_S)
+            pids = {side: client.pid for side, client in clients.items()}
+            pids |= {f"{side} sim": sim.process.pid for side, sim in sims.items()}
+            cpu: dict[str, float] = {}
+            with cpu_window(pids, cpu):
+                time.sleep(settings.idle_s)
+        finally:
+            for client in clients.values():
+                stop_client(client)
+            for sim in sims.values():
+                sim.stop()
+    return {side: {"measured": cpu[side], "sim": cpu[f"{side} sim"]} for side in SIDES}
+
+
 def run_phases(
     result: Side, sim: Sim, pids: dict[str, int], settings: Settings, *, largest: bool
 ) -> None:
@@ -340,6 +380,7 @@ class Settings:
 @dataclass
 class Run:
     sides: dict[tuple[str, int], Side]
+    together: dict[str, dict[str, float]]  # side by side at the largest N: side -> process -> %
     gateway: gateway_roundtrip.Measured
 
 
@@ -347,9 +388,11 @@ def one_run(settings: Settings, number: int) -> Run:
     sides: dict[tuple[str, int], Side] = {}
     largest = max(settings.accounts)
     for n in sorted(settings.accounts):
-        for side in ("floor", "keeper"):
+        for side in SIDES:
             say(f"run {number}: {side}, {n} sessions")
             sides[side, n] = measure_side(side, n, settings, largest=n == largest)
+    say(f"run {number}: floor and keeper side by side, {largest} sessions each")
+    together = measure_together(largest, settings)
     say(f"run {number}: gateway")
     args = gateway_roundtrip.parse(
         [
@@ -359,7 +402,7 @@ def one_run(settings: Settings, number: int) -> Run:
             "--pin",
         ]
     )
-    return Run(sides, trio.run(gateway_roundtrip.measure, args))
+    return Run(sides, together, trio.run(gateway_roundtrip.measure, args))
 
 
 def say(text: str) -> None:
@@ -424,7 +467,7 @@ def figures(runs: list[Run], settings: Settings) -> list[Figure]:
         ]
 
     def idle_cpu(side: str) -> list[float]:
-        return each(side, big, lambda s: s.cpu["idle"]["measured"])
+        return [run.together[side]["measured"] for run in runs]
 
     pairs = zip(idle_cpu("keeper"), idle_cpu("floor"), strict=True)
     cpu_ratio = [k / f if f else float("inf") for k, f in pairs]
@@ -438,11 +481,12 @@ def figures(runs: list[Run], settings: Settings) -> list[Figure]:
             lambda floor: floor + MEMORY_ABOVE_FLOOR_KIB, "KiB", "≤ floor + 6 KiB",
         ),
         Figure(
-            f"idle CPU at {big} sessions, x the floor", cpu_ratio, [1.0] * len(runs),
+            f"idle CPU at {big} sessions side by side, x the floor", cpu_ratio, [1.0] * len(runs),
             lambda _: CPU_RATIO, "x", "≤ 1.05x the floor", digits=3,
         ),
         Figure(
-            f"idle CPU at {big} sessions, % of one core", idle_cpu("keeper"), idle_cpu("floor"),
+            f"idle CPU at {big} sessions side by side, % of one core",
+            idle_cpu("keeper"), idle_cpu("floor"),
             lambda floor: floor * CPU_RATIO, "%", "≤ 1.05x the floor", digits=2,
         ),
         Figure(
@@ -594,13 +638,23 @@ def details(runs: list[Run], settings: Settings) -> list[str]:
     rows.append("|---|---|---|---|---|")
     worst = 0.0
     for number, run in enumerate(runs, 1):
-        for side in ("floor", "keeper"):
+        for side in SIDES:
             for phase, cpu in run.sides[side, big].cpu.items():
                 worst = max(worst, cpu["sim"])
                 rows.append(
                     f"| {number} | {side} | {phase} | {cpu['sim']:.1f}% | {cpu['measured']:.1f}% |"
                 )
     rows += ["", f"The simulator's busiest phase used {worst:.0f}% of its core.", ""]
+    rows += [
+        f"Idle CPU side by side at N = {big} (both at once on one core, one window; the CPU"
+        " figures above): " + "; ".join(
+            f"run {number}: floor {run.together['floor']['measured']:.2f}%, keeper "
+            f"{run.together['keeper']['measured']:.2f}% (their simulators "
+            f"{run.together['floor']['sim']:.1f}%, {run.together['keeper']['sim']:.1f}%)"
+            for number, run in enumerate(runs, 1)
+        ),
+        "",
+    ]  # fmt: skip
     for number, run in enumerate(runs, 1):
         keeper = run.sides["keeper", big]
         sends = ", ".join(f"{1000 * s:.1f}" for s in keeper.burst_send_s)
