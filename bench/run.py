@@ -567,7 +567,9 @@ def commit() -> str:
         done = subprocess.run(["git", *args], cwd=BENCH, capture_output=True, text=True)
         return done.stdout.strip()
 
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    # RESULTS.md itself is rewritten twice in a run (before the profile and after), so it is
+    # no sign that the code measured differs from the commit.
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!RESULTS.md")
     return git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if dirty else "")
 
 
