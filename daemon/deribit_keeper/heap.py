@@ -19,10 +19,12 @@ objects they make for good pile up in the young generations, and the collector w
 over and over: a second of collections in the bench's start of 1,000 accounts, half the time
 until all were ready. A reconnect storm is the same, and a pass in the middle of it stopped
 every set-up while the pacer's slots fell due, which then all started at once. The owed pass is
-paid, and the automatic ones resume, once every account is ready (no set-up is delayed by it);
-or, so that an account that never gets ready (a wrong key) cannot keep the collector off,
-at the first session event ``OWED_AT_MOST_S`` after the loss. Until then only what the set-ups
-make in reference cycles waits, which is little: the bench's RSS at ready moved by a megabyte.
+paid, and the automatic ones resume, once every account is ready (no set-up is delayed by it),
+and at the latest ``OWED_AT_MOST_S`` after the loss, by a task of the Keeper's (``run``): an
+account that never gets ready (a wrong key), or a reload that removed one while the others stay
+ready, brings no ready to pay at, and the collector must not stay off while the gateways make
+garbage. Until then only what the set-ups make in reference cycles waits, which is little: the
+bench's RSS at ready moved by a megabyte.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class HeapFreezer:
         self.enabled = enabled
         self.frozen = False
         self._owed_since: float | None = None  # Trio time of the first loss since a full pass
+        self._owing = trio.Event()  # set while a pass is owed; a fresh one once it is paid
 
     def session_changed(self, event: str, *, all_ready: bool) -> None:
         """Called after every session event; ``all_ready``: every account is ready now."""
@@ -59,13 +62,23 @@ class HeapFreezer:
             return
         if event in _RELEASING:
             self.thaw()
-            return
-        owed = self._owed_since
-        overdue = owed is not None and trio.current_time() - owed >= OWED_AT_MOST_S
-        if overdue or (owed is not None and all_ready and event == events.SESSION_READY):
-            self._collect()
         elif event == events.SESSION_READY:
-            self.freeze()
+            if all_ready and self._owed_since is not None:
+                self._collect()
+            else:
+                self.freeze()
+
+    async def run(self) -> None:
+        """Pay each owed pass ``OWED_AT_MOST_S`` after the loss that owed it, unless a ready
+        paid it first; runs until cancelled."""
+        while True:
+            await self._owing.wait()
+            owed = self._owed_since
+            if owed is None:
+                continue  # paid meanwhile: wait for the next loss
+            await trio.sleep_until(owed + OWED_AT_MOST_S)
+            if self._owed_since == owed:  # neither paid nor paid and owed anew
+                self._collect()
 
     def freeze(self) -> None:
         """Keep what is alive now out of the collector's passes."""
@@ -80,6 +93,7 @@ class HeapFreezer:
             self.frozen = False
         if self._owed_since is None:
             self._owed_since = trio.current_time()
+            self._owing.set()
             gc.disable()
 
     def _collect(self) -> None:
@@ -89,4 +103,5 @@ class HeapFreezer:
         gc.collect()
         self.freeze()
         self._owed_since = None
+        self._owing = trio.Event()
         gc.enable()

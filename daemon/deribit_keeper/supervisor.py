@@ -138,6 +138,8 @@ class Keeper:
             if handle_signals:
                 await outer.start(self._handle_signals)
             await self._start_systemd(outer)
+            if self._heap.enabled:
+                outer.start_soon(self._heap.run)
             if self.config.http is not None:
                 await self._start_http(outer, self.config.http)
             self._log.info(
