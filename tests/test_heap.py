@@ -199,3 +199,21 @@ async def test_a_reload_that_removes_an_account_holds_the_collector_off_no_longe
     assert not gc.isenabled()
     await trio.sleep(OWED_AT_MOST_S + 0.1)  # past the bound, not on it
     assert gc.isenabled() and keeper.sessions["main"].ready
+
+
+async def test_the_collector_runs_again_once_the_keeper_has_stopped(
+    autojump_clock: trio.testing.MockClock, sim: Simulator
+) -> None:
+    """The last sessions' stops owe a pass that nobody is left to pay: a program that runs a
+    Keeper and goes on must not inherit a collector that is off."""
+    config = keeper_config(account_config(sim, "main"), account_config(sim, "hedge"))
+    keeper = Keeper(config, rng=random.Random(7), freeze_heap=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(keeper.run, handle_signals=False))
+            await until(keeper, ready_and_listening(keeper))
+            keeper.stop()
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()

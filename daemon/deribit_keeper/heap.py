@@ -70,15 +70,19 @@ class HeapFreezer:
 
     async def run(self) -> None:
         """Pay each owed pass ``OWED_AT_MOST_S`` after the loss that owed it, unless a ready
-        paid it first; runs until cancelled."""
-        while True:
-            await self._owing.wait()
-            owed = self._owed_since
-            if owed is None:
-                continue  # paid meanwhile: wait for the next loss
-            await trio.sleep_until(owed + OWED_AT_MOST_S)
-            if self._owed_since == owed:  # neither paid nor paid and owed anew
-                self._collect()
+        paid it first; runs until cancelled, and then lets the collector run again (the Keeper
+        is done, and its last sessions' stops owed a pass that nobody is left to pay)."""
+        try:
+            while True:
+                await self._owing.wait()
+                owed = self._owed_since
+                if owed is None:
+                    continue  # paid meanwhile: wait for the next loss
+                await trio.sleep_until(owed + OWED_AT_MOST_S)
+                if self._owed_since == owed:  # neither paid nor paid and owed anew
+                    self._collect()
+        finally:
+            self._release()
 
     def freeze(self) -> None:
         """Keep what is alive now out of the collector's passes."""
@@ -95,6 +99,12 @@ class HeapFreezer:
             self._owed_since = trio.current_time()
             self._owing.set()
             gc.disable()
+
+    def _release(self) -> None:
+        if self._owed_since is not None:
+            self._owed_since = None
+            self._owing = trio.Event()
+            gc.enable()
 
     def _collect(self) -> None:
         """The owed full pass, over everything (what was frozen meanwhile may hold the garbage);

@@ -66,7 +66,7 @@ _threshold = logging.NOTSET  # the configured level: every level passes until ``
 def enabled(level: int) -> bool:
     """Whether an event at ``level`` would be written.
 
-    For the hot paths (a heartbeat's answer, a relayed request) that would otherwise build an
+    For the hot paths (a heartbeat's answer, every session event) that would otherwise build an
     event only for structlog to drop it: its lazy logger resolves the configuration at every
     call, which costs more than the rest of answering a test_request.
     """

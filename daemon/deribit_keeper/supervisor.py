@@ -99,6 +99,9 @@ class Keeper:
         self._status_changed, self._status_wanted = trio.open_memory_channel[None](1)
         self._rng = rng if rng is not None else random.Random()
         self._heap = HeapFreezer(enabled=freeze_heap)
+        # The sessions ready as of their latest event: 'every account ready' in one comparison,
+        # not a scan of all sessions at each of a thousand readies (half a million checks).
+        self._ready: set[Session] = set()
         self._pacer = ConnectPacer()  # one for all: a mass disconnect must not become a storm
         self._wall_clock = wall_clock
         self._ssl_context = ssl_context
@@ -294,8 +297,12 @@ class Keeper:
                 await notifier.status(line)
                 last = line
 
-    def _state_changed(self, _session: Session, event: str, _fields: Mapping[str, Any]) -> None:
-        all_ready = event == events.SESSION_READY and all(s.ready for s in self.sessions.values())
+    def _state_changed(self, session: Session, event: str, _fields: Mapping[str, Any]) -> None:
+        if session.ready:
+            self._ready.add(session)
+        else:
+            self._ready.discard(session)  # a removed or replaced one ends with session.stopped
+        all_ready = event == events.SESSION_READY and len(self._ready) == len(self.sessions)
         self._heap.session_changed(event, all_ready=all_ready)
         if event in _STATE_EVENTS:
             try:
