@@ -84,6 +84,14 @@ async def test_a_lost_link_thaws_the_heap_while_the_other_accounts_stay_ready(
     assert tracked(keeper.sessions["hedge"].rpc)
 
 
+async def reconnect_main(keeper: Keeper, sim: Simulator) -> None:
+    """Drop main's upstream link and wait until it is ready on a new one."""
+    session = keeper.sessions["main"]
+    before = upstream(sim, "main")
+    await sim.drop(before, abrupt=True)
+    await until(keeper, lambda: session.ready and upstream(sim, "main") is not before)
+
+
 class Node:
     """A stand-in for a link's objects: it refers to itself, so only the collector frees it."""
 
@@ -96,18 +104,11 @@ async def test_what_was_frozen_and_became_cyclic_garbage_is_freed_at_the_next_re
 ) -> None:
     """A reconnect is quicker than the collector's next full pass: were the dead link's cycles
     frozen again as the new link gets ready, each reconnect would leak them for good."""
-    session = keeper.sessions["main"]
-
-    async def reconnect() -> None:
-        before = upstream(sim, "main")
-        await sim.drop(before, abrupt=True)
-        await until(keeper, lambda: session.ready and upstream(sim, "main") is not before)
-
     node = Node()
-    await reconnect()  # frozen alive, as a link's objects are
+    await reconnect_main(keeper, sim)  # frozen alive, as a link's objects are
     freed = weakref.ref(node)
     del node  # now frozen garbage, in a cycle: as the link's objects once it dies
-    await reconnect()
+    await reconnect_main(keeper, sim)
     assert freed() is None
     assert gc.get_freeze_count() > 0
 
@@ -152,19 +153,12 @@ async def test_an_account_that_never_gets_ready_does_not_keep_the_garbage_for_ev
     )
     try:
         await nursery.start(partial(keeper.run, handle_signals=False))
-        session = keeper.sessions["main"]
-        await until(keeper, lambda: session.ready)
-
-        async def reconnect() -> None:
-            before = upstream(sim, "main")
-            await sim.drop(before, abrupt=True)
-            await until(keeper, lambda: session.ready and upstream(sim, "main") is not before)
-
+        await until(keeper, lambda: keeper.sessions["main"].ready)
         node = Node()
-        await reconnect()  # frozen alive, as a link's objects are
+        await reconnect_main(keeper, sim)  # frozen alive, as a link's objects are
         freed = weakref.ref(node)
         del node
-        await reconnect()  # a pass is owed from this loss at the latest
+        await reconnect_main(keeper, sim)  # a pass is owed from this loss at the latest
         await trio.sleep(OWED_AT_MOST_S + 0.1)  # past the bound, not on it
         assert freed() is None and gc.isenabled()
         assert not keeper.sessions["hedge"].ready
