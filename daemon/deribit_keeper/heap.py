@@ -101,6 +101,7 @@ class HeapFreezer:
             gc.disable()
 
     def _release(self) -> None:
+        """Owe nothing, and let the automatic passes run again."""
         if self._owed_since is not None:
             self._owed_since = None
             self._owing = trio.Event()
@@ -112,6 +113,4 @@ class HeapFreezer:
         gc.unfreeze()
         gc.collect()
         self.freeze()
-        self._owed_since = None
-        self._owing = trio.Event()
-        gc.enable()
+        self._release()
